@@ -1,0 +1,37 @@
+# fededge: `make demo` runs a real federation; `make test` runs the test suite.
+# Everything either target needs is installed here, into .venv (torch first, from TORCH_SPEC,
+# so pip never resolves a bare `torch` to a multi-GB CUDA build).
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed-stamp
+DEMO_OUT   ?= runs/demo
+
+.PHONY: demo test bench mosquitto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+# Integration tests run a real Mosquitto. As root we install the Debian package; otherwise we say how.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing mosquitto (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "mosquitto is missing; its tests will be skipped. Install it with: sudo apt-get install -y mosquitto"; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/fededge devices
+	$(VENV)/bin/fededge simulate --out $(DEMO_OUT)
+
+test: $(STAMP) mosquitto
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

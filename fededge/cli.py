@@ -1,0 +1,191 @@
+"""The ``fededge`` command line. Each command is a thin shell over a library function; errors a
+user can cause are printed as one line naming the bad input, never as a traceback."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli_model import export_cmd, infer_cmd
+from .report import human_bytes, rounds_table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated knowledge distillation for heterogeneous edge devices.")
+console = Console()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'bad input' rather than 'bug'; imported lazily (torch is slow)."""
+    from .aggregate import UnknownAggregatorError
+    from .broker import BrokerError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import UnknownStudentError
+    from .profiles import ProfileError
+    from .server import FederationError
+    from .simulate import SimulationError
+    from .strategy import UnknownStrategyError
+    from .transport import TransportError
+
+    return (UnknownAggregatorError, BrokerError, ConfigError, DataError, UnknownStudentError,
+            ProfileError, FederationError, SimulationError, UnknownStrategyError, TransportError)
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log protocol events.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def devices(data: Optional[str] = typer.Option(
+        None, help="Dataset whose input shape sizes the students: digits (default), wine, or a "
+                   ".npz file.")) -> None:
+    """Show every device profile and the student it would train."""
+    try:
+        from .data import load_dataset
+        from .profiles import describe_catalog
+
+        dataset = load_dataset(data)
+        choices = describe_catalog(tuple(dataset.input_shape), dataset.num_classes)
+    except _user_errors() as exc:
+        _fail(exc)
+    table = Table(title=f"Device profiles → students for {dataset.name} "
+                        f"(input {'×'.join(map(str, dataset.input_shape))}, "
+                        f"{dataset.num_classes} classes)")
+    for col, justify in (("profile", "left"), ("arch", "left"), ("RAM", "right"),
+                         ("peak GFLOPS", "right"), ("student", "left"), ("params", "right"),
+                         ("MFLOPs", "right"), ("train mem", "right"), ("latency", "right")):
+        table.add_column(col, justify=justify)
+    for c in choices:
+        p = c.profile
+        student = c.student or "[red]none fits[/]"
+        if c.inference_only and c.student:
+            student += " (inference only)"
+        cost = c.cost
+        table.add_row(p.name, p.arch, f"{p.ram_mb / 1024:.1f} GiB", f"{p.peak_gflops:,.0f}",
+                      student, f"{cost.params:,}" if cost else "—",
+                      f"{cost.flops / 1e6:.2f}" if cost else "—",
+                      human_bytes(cost.train_memory_bytes) if cost and p.can_train else "—",
+                      f"{c.latency_ms:.3f} ms" if c.latency_ms is not None else "—")
+    console.print(table)
+
+
+@app.command()
+def simulate(
+    data: Optional[str] = typer.Option(None, help="digits (default), wine, or PATH.npz with X, y "
+                                                  "and optional X_public."),
+    clients: int = typer.Option(10, help="Number of simulated devices."),
+    rounds: int = typer.Option(20, help="Federation rounds."),
+    partition: str = typer.Option("dirichlet", help="iid, dirichlet or shards."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more skewed)."),
+    seed: int = typer.Option(0, help="Seed for the split, models and proxy subsets."),
+    aggregator: str = typer.Option("era", help="mean, prob-mean, era, weighted, median, "
+                                               "trimmed-mean."),
+    strategy: str = typer.Option("fedmd", help="Federation strategy."),
+    profiles: Optional[str] = typer.Option(None, help="Comma-separated device profiles assigned "
+                                                      "round-robin (default: all that train)."),
+    out: Path = typer.Option(Path("runs/latest"), help="Run directory for metrics, plot and "
+                                                        "checkpoints."),
+    broker: str = typer.Option("embedded", help="embedded (amqtt, in-process) or mosquitto "
+                                                "(a local mosquitto process)."),
+    baselines: bool = typer.Option(True, help="Also train local-only and centralized baselines."),
+) -> None:
+    """Run a whole federation on this machine: broker, server and clients over real MQTT."""
+    from .simulate import SimulationOptions, run_simulation
+
+    opts = SimulationOptions(
+        data=data, clients=clients, rounds=rounds, partition=partition, alpha=alpha, seed=seed,
+        aggregator=aggregator, strategy=strategy, out=out, broker=broker, baselines=baselines,
+        profiles=[p for p in profiles.split(",") if p.strip()] if profiles else None)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                        TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task("federating", total=rounds, status="preparing data")
+
+        def on_round(row, message: str) -> None:
+            if row is None:
+                progress.update(task, status=message)
+            else:
+                progress.update(task, completed=row.round,
+                                status=f"round {row.round}: mean accuracy "
+                                       f"{100 * (row.mean_accuracy or 0):.1f}%")
+        try:
+            result = run_simulation(opts, on_round)
+        except _user_errors() as exc:
+            progress.stop()
+            _fail(exc)
+    _print_simulation(result)
+
+
+def _print_simulation(result) -> None:
+    s = result.summary
+    console.print(rounds_table(result.rows, title="Per-round results (all clients)"))
+    clients = Table(title="Clients")
+    for col in ("device", "profile", "student", "params", "accuracy", "local-only",
+                "centralized"):
+        clients.add_column(col, justify="left" if col in ("device", "profile", "student")
+                           else "right")
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for c in s["clients"]:
+        clients.add_row(c["id"], c["profile"], c["student"], f"{c['params']:,}",
+                        pct(c["accuracy"]), pct(c.get("local_only_accuracy")),
+                        pct(c.get("centralized_accuracy")))
+    console.print(clients)
+    console.print(
+        f"[bold]fedmd mean accuracy {pct(s['mean_accuracy'])}[/] · local-only "
+        f"{pct(s['local_only_mean_accuracy'])} · centralized {pct(s['centralized_mean_accuracy'])}"
+        f"\ntraffic: {human_bytes(s['bytes_up'])} up, {human_bytes(s['bytes_down'])} down "
+        f"({human_bytes(s['bytes_per_client_round'])} per client per round); uploads "
+        f"{s['uploads_accepted']}/{s['uploads_expected']} accepted"
+        f"\ntime: {s['wall_seconds']:.1f} s total, federation {s['federation_seconds']:.1f} s, "
+        f"{100 * (s['overhead_share'] or 0):.1f}% of it outside training and evaluation"
+        f"\nwrote {result.out}/summary.json, metrics.jsonl, rounds.png and clients/*/ checkpoints",
+        highlight=False)
+
+
+@app.command("broker")
+def broker_cmd(
+    embedded: bool = typer.Option(True, "--embedded/--mosquitto",
+                                  help="amqtt in this process, or a local mosquitto process."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(1883, help="Port to listen on."),
+) -> None:
+    """Run an MQTT broker for development until Ctrl-C."""
+    from .broker import EmbeddedBroker, MosquittoBroker
+
+    try:
+        broker = (EmbeddedBroker(host, port) if embedded else MosquittoBroker(port=port,
+                                                                               host=host)).start()
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"{'amqtt' if embedded else 'mosquitto'} broker listening on {host}:{port} "
+                  "(Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+
+
+app.command("export")(export_cmd)
+app.command("infer")(infer_cmd)
+
+
+if __name__ == "__main__":
+    app()

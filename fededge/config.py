@@ -1,0 +1,90 @@
+"""Federation settings: chosen once by the server, published retained, obeyed by every client.
+
+Keeping training hyperparameters here (not in each device's config) means one place decides how
+the federation learns, as in Flower's ``on_fit_config_fn``; devices only decide *what* they train
+(their student) from their hardware profile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A federation setting out of range; the message names the setting and the valid range."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    federation: str = "demo"
+    strategy: str = "fedmd"
+    aggregator: str = "era"
+    rounds: int = 20
+    seed: int = 0
+    num_classes: int = 10
+    input_shape: tuple[int, ...] = (1, 8, 8)
+    proxy_sha256: str = ""
+    proxy_size: int = 0
+    proxy_per_round: int = 0          # 0: the whole proxy set every round
+    temperature: float = 3.0          # softening of teacher and student in the KD loss
+    era_temperature: float = 0.1      # DS-FL sharpening of the averaged probabilities
+    warmup_epochs: int = 30
+    distill_epochs: int = 2
+    revisit_epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 32
+    logit_dtype: str = "float16"
+    # Clients upload their private label histogram with their logits so the server can weight
+    # each class by the clients that know it (see aggregate.py). It reveals the histogram to the
+    # server; set false to share only the total sample count.
+    share_class_counts: bool = True
+    deadline_s: float = 120.0
+    quorum: float = 0.5               # share of joined clients a round needs to close
+    max_attempts: int = 3
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rounds >= 1, "rounds", "at least 1"),
+            (self.num_classes >= 2, "num_classes", "at least 2"),
+            (self.proxy_per_round >= 0, "proxy_per_round", "0 (all) or a positive count"),
+            (self.temperature > 0, "temperature", "positive"),
+            (self.era_temperature > 0, "era_temperature", "positive"),
+            (min(self.warmup_epochs, self.distill_epochs, self.revisit_epochs) >= 0,
+             "epochs", "0 or more"),
+            (self.lr > 0, "lr", "positive"),
+            (self.batch_size >= 1, "batch_size", "at least 1"),
+            (self.logit_dtype in ("float16", "float32"), "logit_dtype", "float16 or float32"),
+            (self.deadline_s > 0, "deadline_s", "positive seconds"),
+            (0.0 < self.quorum <= 1.0, "quorum", "in (0, 1]"),
+            (self.max_attempts >= 1, "max_attempts", "at least 1"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise ConfigError(f"federation setting {name!r} must be {want}, "
+                                  f"got {getattr(self, name, None)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FederationConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown federation settings {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        if "input_shape" in values:
+            values["input_shape"] = tuple(int(v) for v in values["input_shape"])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"bad federation settings: {exc}") from None
+
+    def replace(self, **changes: Any) -> "FederationConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,233 @@
+"""ONNX export: parity for every zoo member, dynamic batch, manifest, int8 bounds, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from fededge import __version__, export, runtime
+from fededge.cli_model import export_cmd
+from fededge.data import load_dataset, split_federated
+from fededge.export import EvalData, ExportError, StudentMeta, export_run, export_student
+from fededge.models import build_student, image_zoo, tabular_zoo
+from fededge.profiles import get_profile
+from fededge.trainer import Trainer
+
+PROFILE = "pi-4-4gb"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models train fastest on one thread, and two threads thrash on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return split_federated(load_dataset("digits"), 1, partition="iid", seed=0)
+
+
+@pytest.fixture(scope="module")
+def wine():
+    return split_federated(load_dataset("wine"), 1, partition="iid", seed=0)
+
+
+def eval_data(split) -> EvalData:
+    return EvalData(split.raw_test_X, split.test_y, split.raw_public_X)
+
+
+def student_meta(split, name: str, device: str = "dev0", accuracy: float | None = None,
+                 dataset: str = "digits") -> StudentMeta:
+    return StudentMeta(device=device, profile=PROFILE, student=name, round=3, accuracy=accuracy,
+                       input_shape=tuple(split.input_shape), num_classes=split.num_classes,
+                       class_names=list(split.class_names),
+                       preprocessing=split.preprocessing.to_dict(), dataset=dataset)
+
+
+def seeded_student(split, name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_student(name, split.input_shape, split.num_classes)
+
+
+def write_run(root, split, students: dict[str, str]) -> None:
+    """A run directory as `fededge simulate` writes it: device id → student name."""
+    clients = []
+    for i, (device, name) in enumerate(students.items()):
+        model = seeded_student(split, name, seed=i)
+        params = sum(p.numel() for p in model.parameters())
+        meta = {**student_meta(split, name, device).__dict__, "input_shape":
+                list(split.input_shape), "params": params, "fededge_version": __version__}
+        ckpt = root / "clients" / device
+        ckpt.mkdir(parents=True)
+        save_file(model.state_dict(), str(ckpt / "student.safetensors"))
+        (ckpt / "student.json").write_text(json.dumps(meta))
+        clients.append({"id": device, "profile": PROFILE, "student": name, "params": params,
+                        "accuracy": None})
+    (root / "summary.json").write_text(json.dumps({"clients": clients, "dataset": "digits",
+                                                   "seed": 0}))
+    np.savez_compressed(root / "eval_data.npz", test_X=split.raw_test_X, test_y=split.test_y,
+                        public_X=split.raw_public_X)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, digits):
+    root = tmp_path_factory.mktemp("run")
+    write_run(root, digits, {"dev0-pi": "cnn-xs", "dev1-pi": "cnn-s"})
+    return root
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("kind,name", [("image", n) for n in image_zoo()]
+                         + [("tabular", n) for n in tabular_zoo()])
+def test_round_trip_parity_and_dynamic_batch(kind, name, digits, wine, tmp_path):
+    split = digits if kind == "image" else wine
+    model = seeded_student(split, name)
+    result = export_student(model, student_meta(split, name, dataset=kind), eval_data(split),
+                            tmp_path, profile=get_profile(PROFILE))
+
+    assert result.max_abs_diff <= export.PARITY_ATOL
+    assert result.manifest["verification"]["argmax_mismatches"] == 0
+    edge = runtime.EdgeModel(tmp_path)
+    standardized = split.preprocessing.apply(split.raw_test_X[:7])
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(standardized)).numpy()
+    for batch in (1, 7):
+        logits = edge.logits(split.raw_test_X[:batch])
+        assert logits.shape == (batch, split.num_classes)
+        np.testing.assert_allclose(logits, expected[:batch], atol=export.PARITY_ATOL)
+
+
+def test_parity_failure_is_loud(digits, tmp_path, monkeypatch):
+    real = export._onnx_logits
+    monkeypatch.setattr(export, "_onnx_logits", lambda *a: real(*a) + 1e-3)
+    with pytest.raises(ExportError, match=r"max \|logit difference\| 0\.001 .*tolerance 0\.0001"):
+        export_student(seeded_student(digits, "cnn-xs"), student_meta(digits, "cnn-xs"),
+                       eval_data(digits), tmp_path, profile=get_profile(PROFILE))
+    assert not (tmp_path / runtime.MANIFEST).exists()
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def test_manifest_contents(run_dir, digits, tmp_path):
+    [result] = export_run(run_dir, device="dev1-pi", out=tmp_path)
+    out = tmp_path / "dev1-pi"
+    manifest = json.loads((out / "manifest.json").read_text())
+
+    assert result.out_dir == out and manifest == result.manifest
+    assert manifest["input"] == {"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "float32"}
+    assert manifest["output"]["shape"] == ["batch", 10]
+    assert manifest["class_names"] == digits.class_names
+    assert manifest["preprocessing"] == digits.preprocessing.to_dict()
+    assert manifest["profile"]["name"] == PROFILE
+    assert manifest["profile"]["ort_providers"] == ["CPUExecutionProvider"]
+    student = manifest["student"]
+    assert (student["name"], student["round"], student["accuracy"]) == ("cnn-s", 3, None)
+    assert student["params"] == result.params == sum(
+        p.numel() for p in seeded_student(digits, "cnn-s").parameters())
+    assert manifest["opset"] == export.OPSET
+    assert manifest["fededge_version"] == __version__
+    assert manifest["int8"] is None
+    verification = manifest["verification"]
+    assert verification["samples"] == len(digits.test_y)
+    assert verification["max_abs_diff"] <= verification["tolerance"] == export.PARITY_ATOL
+    on_disk = {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk == {
+        "model.onnx", "run.py", "fededge_runtime.py", "requirements.txt", "README.md"}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == runtime.sha256_file(out / name)
+    assert (out / "fededge_runtime.py").read_text() == open(runtime.__file__).read()
+
+
+def test_all_devices_go_to_run_export(run_dir):
+    results = export_run(run_dir, all_devices=True)
+    assert [r.device for r in results] == ["dev0-pi", "dev1-pi"]
+    assert all((run_dir / "export" / r.device / "manifest.json").is_file() for r in results)
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def trained_large(digits):
+    model = seeded_student(digits, image_zoo()[-1])
+    Trainer(model, lr=3e-3, seed=0).fit(digits.clients[0].X, digits.clients[0].y, epochs=6)
+    return model
+
+
+def test_int8_within_bounds(trained_large, digits, tmp_path):
+    name = image_zoo()[-1]
+    result = export_student(trained_large, student_meta(digits, name), eval_data(digits),
+                            tmp_path, profile=get_profile(PROFILE), quantize="int8")
+    q = result.int8
+
+    assert result.accuracy > 0.9, "the student should be reasonably trained"
+    assert q.accuracy_delta >= -0.01 and not q.lossy
+    assert q.size_ratio <= 0.35
+    assert q.argmax_agreement >= 0.98
+    block = result.manifest["int8"]
+    assert block["calibration"] == {"set": "public proxy", "samples": len(digits.raw_public_X)}
+    assert (block["accuracy"], block["size_ratio"]) == (q.accuracy, q.size_ratio)
+    assert "model.int8.onnx" in result.manifest["files"]
+    labels, _ = runtime.EdgeModel(tmp_path, int8=True).predict(digits.raw_test_X)
+    assert (labels == digits.test_y).mean() == pytest.approx(q.accuracy)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"device": "dev9"}, r"no device 'dev9' in this run; valid devices: dev0-pi, dev1-pi"),
+    ({}, r"the run has 2 devices; pass --device ID or --all"),
+    ({"device": "dev0-pi", "all_devices": True}, r"either --device ID or --all, not both"),
+    ({"device": "dev0-pi", "quantize": "fp16"},
+     r"unknown quantization 'fp16'; use --quantize int8"),
+])
+def test_bad_arguments(run_dir, kwargs, message):
+    with pytest.raises(ExportError, match=message):
+        export_run(run_dir, **kwargs)
+
+
+def test_missing_run_dir_and_checkpoint(run_dir, digits, tmp_path):
+    with pytest.raises(ExportError, match="no such run directory"):
+        export_run(tmp_path / "nope", all_devices=True)
+    write_run(tmp_path, digits, {"dev0": "cnn-xs"})
+    (tmp_path / "clients" / "dev0" / "student.safetensors").unlink()
+    with pytest.raises(ExportError, match=r"student\.safetensors: missing checkpoint file"):
+        export_run(tmp_path, device="dev0")
+
+
+def test_weights_of_another_student(digits, tmp_path):
+    write_run(tmp_path, digits, {"dev0": "cnn-xs"})
+    meta_path = tmp_path / "clients" / "dev0" / "student.json"
+    meta_path.write_text(meta_path.read_text().replace('"cnn-xs"', '"cnn-m"'))
+    with pytest.raises(ExportError, match=r"weights do not fit student 'cnn-m'"):
+        export_run(tmp_path)
+
+
+def test_cli_table_warning_and_error(run_dir, tmp_path, monkeypatch):
+    app = typer.Typer()
+    app.command()(export_cmd)
+    runner = CliRunner()
+    monkeypatch.setattr(export, "INT8_MAX_LOSS", -1.0)  # flag every int8 model as lossy
+
+    ok = runner.invoke(app, [str(run_dir), "--device", "dev0-pi", "--quantize", "int8",
+                             "--out", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    assert "cnn-xs" in ok.output and "warning: dev0-pi (cnn-xs) loses" in ok.output
+
+    bad = runner.invoke(app, [str(run_dir), "--device", "nope"])
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines() == [
+        "error: no device 'nope' in this run; valid devices: dev0-pi, dev1-pi"]

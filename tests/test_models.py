@@ -1,0 +1,166 @@
+"""The student zoo: shapes, parameter/FLOP accounting, ONNX export, error messages."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from fededge import models
+
+IMAGE_SHAPES = [(1, 8, 8), (3, 32, 32), (1, 28, 28)]
+TABULAR_SHAPES = [(13,), (64,)]
+CASES = [(shape, name) for shape in IMAGE_SHAPES for name in models.image_zoo()] + [
+    (shape, name) for shape in TABULAR_SHAPES for name in models.tabular_zoo()
+]
+
+
+def test_zoo_names_and_order() -> None:
+    assert models.image_zoo() == ["cnn-xs", "cnn-s", "cnn-m", "cnn-l"]
+    assert models.tabular_zoo() == ["mlp-s", "mlp-m", "mlp-l"]
+    assert models.zoo_for((1, 8, 8)) == models.image_zoo()
+    assert models.zoo_for((13,)) == models.tabular_zoo()
+
+
+@pytest.mark.parametrize(("shape", "name"), CASES)
+def test_student_builds_and_costs_match(shape: tuple[int, ...], name: str) -> None:
+    model = models.build_student(name, shape, 7)
+    logits = model(torch.randn(5, *shape))
+    assert logits.shape == (5, 7)
+    assert logits.dtype == torch.float32
+    cost = models.estimate_cost(name, shape, 7)
+    assert cost.name == name
+    assert cost.params == sum(p.numel() for p in model.parameters())
+    assert cost.weight_bytes == 4 * cost.params
+    assert cost.train_memory_bytes == 4 * cost.weight_bytes + 32 * cost.activation_bytes * 2
+
+
+@pytest.mark.parametrize("shape", IMAGE_SHAPES + TABULAR_SHAPES)
+def test_params_and_flops_strictly_increase_along_the_zoo(shape: tuple[int, ...]) -> None:
+    costs = [models.estimate_cost(name, shape, 10) for name in models.zoo_for(shape)]
+    params = [c.params for c in costs]
+    flops = [c.flops for c in costs]
+    assert params == sorted(set(params)), params
+    assert flops == sorted(set(flops)), flops
+
+
+def test_digits_sizes_are_in_the_intended_ranges() -> None:
+    params = {name: models.estimate_cost(name, (1, 8, 8), 10).params for name in models.image_zoo()}
+    assert 1_000 <= params["cnn-xs"] <= 3_000
+    assert 5_000 <= params["cnn-s"] <= 10_000
+    assert 30_000 <= params["cnn-m"] <= 45_000
+    assert 60_000 <= params["cnn-l"] <= 120_000
+
+
+def test_cnn_xs_costs_by_hand() -> None:
+    # 1x8x8 -> conv 1->8 (8x8) -> maxpool (4x4) -> conv 8->16 (4x4) -> avgpool (2x2) -> 64 -> 10
+    cost = models.estimate_cost("cnn-xs", (1, 8, 8), 10, batch_size=16)
+    assert cost.params == (8 * 1 * 9 + 8) + (16 * 8 * 9 + 16) + (64 * 10 + 10)
+    macs = 8 * 8 * 8 * (1 * 9) + 4 * 4 * 16 * (8 * 9) + 64 * 10
+    assert cost.flops == 2 * macs
+    # input + conv/relu (8x8x8 each) + maxpool + conv/relu (4x4x16 each) + avgpool + logits
+    floats = 64 + 2 * 512 + 128 + 2 * 256 + 64 + 10
+    assert cost.activation_bytes == 4 * floats
+    assert cost.train_memory_bytes == 4 * 4 * cost.params + 16 * 4 * floats * 2
+    assert cost.batch_size == 16
+
+
+def test_mlp_s_costs_by_hand() -> None:
+    cost = models.estimate_cost("mlp-s", (13,), 3)
+    assert cost.params == 13 * 32 + 32 + 32 * 3 + 3
+    assert cost.flops == 2 * (13 * 32 + 32 * 3)
+
+
+def test_build_is_deterministic_given_the_seed() -> None:
+    torch.manual_seed(123)
+    first = models.build_student("cnn-m", (1, 8, 8), 10)
+    torch.manual_seed(123)
+    second = models.build_student("cnn-m", (1, 8, 8), 10)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_estimate_cost_is_cached_and_leaves_the_rng_alone() -> None:
+    state = torch.get_rng_state()
+    first = models.estimate_cost("cnn-l", (2, 12, 12), 4)
+    assert torch.equal(state, torch.get_rng_state())
+    assert models.estimate_cost("cnn-l", [2, 12, 12], 4) is first
+
+
+def test_numpy_integers_are_accepted() -> None:
+    shape = tuple(np.array([1, 8, 8]))
+    cost = models.estimate_cost("cnn-xs", shape, np.int64(10))
+    assert cost == models.estimate_cost("cnn-xs", (1, 8, 8), 10)
+    assert models.build_student("cnn-xs", shape, np.int64(10))(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def _onnx_session(model: torch.nn.Module, shape: tuple[int, ...]) -> ort.InferenceSession:
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, *shape),),
+        buffer,
+        dynamo=False,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    return ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+
+
+# The legacy exporter is the contract (export.py uses it); silence its deprecation notice.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [(name, (1, 8, 8)) for name in models.image_zoo()]
+    + [("cnn-xs", (1, 28, 28)), ("cnn-s", (3, 9, 13))],  # odd maps: overlapping avg-pool windows
+)
+def test_image_students_export_to_onnx_with_a_dynamic_batch(name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = models.build_student(name, shape, 10).eval()
+    session = _onnx_session(model, shape)
+    for batch in (1, 7):
+        x = torch.randn(batch, *shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (got,) = session.run(None, {"x": x.numpy()})
+        assert got.shape == (batch, 10)
+        assert np.abs(got - expected).max() < 1e-4
+
+
+def test_unknown_student_names_the_valid_ones_for_the_input_kind() -> None:
+    with pytest.raises(models.UnknownStudentError) as info:
+        models.build_student("mlp-s", (1, 8, 8), 10)
+    message = str(info.value)
+    assert "'mlp-s'" in message and "image" in message
+    assert "cnn-xs, cnn-s, cnn-m, cnn-l" in message
+    with pytest.raises(models.UnknownStudentError, match="mlp-s, mlp-m, mlp-l"):
+        models.estimate_cost("resnet18", (13,), 3)
+    assert issubclass(models.UnknownStudentError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("shape", "classes", "match"),
+    [
+        ((8, 8), 10, r"\(8, 8\).*neither an image"),
+        ((1, 1, 8, 8), 10, "neither an image"),
+        ((1, 7, 8), 10, "at least 8"),
+        ((1, 8, 8), 1, "num_classes must be an integer ≥ 2, got 1"),
+        ((1, 8, 8), 2.5, "num_classes"),
+        ((0,), 3, "positive dimensions"),
+        ((1.5,), 3, "sequence of integers"),
+    ],
+)
+def test_bad_shapes_and_class_counts_are_rejected(
+    shape: tuple[float, ...], classes: float, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        models.build_student("cnn-xs" if len(shape) == 3 else "mlp-s", shape, classes)
+
+
+def test_bad_batch_size_is_rejected() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        models.estimate_cost("cnn-xs", (1, 8, 8), 10, batch_size=0)

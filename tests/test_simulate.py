@@ -1,0 +1,71 @@
+"""A 3-client, 3-profile, 3-round federation over real brokers, end to end."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fededge.broker import mosquitto_binary, BrokerError
+from fededge.simulate import SimulationError, SimulationOptions, run_simulation
+
+PROFILES = ["pi-zero-2w", "pi-4-4gb", "pi-5-8gb"]
+
+
+def _has_mosquitto() -> bool:
+    try:
+        mosquitto_binary()
+        return True
+    except BrokerError:
+        return False
+
+
+def _run(tmp_path: Path, broker: str):
+    opts = SimulationOptions(clients=3, rounds=3, profiles=PROFILES, out=tmp_path / "run",
+                             broker=broker, seed=1)
+    return run_simulation(opts)
+
+
+def _check(result):
+    s = result.summary
+    students = {c["student"] for c in s["clients"]}
+    assert len(students) == 3, f"expected 3 architectures, got {students}"
+    assert s["uploads_accepted"] == s["uploads_expected"] == 9
+    assert s["rejected"] == {}
+    assert s["mean_accuracy"] > s["local_only_mean_accuracy"], (
+        f"federation {s['mean_accuracy']:.3f} did not beat local-only "
+        f"{s['local_only_mean_accuracy']:.3f}")
+    assert s["bytes_up"] > 0 and s["bytes_down"] > 0
+    out = result.out
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("mean_accuracy", "local_only_mean_accuracy", "centralized_mean_accuracy",
+                "rounds", "clients", "bytes_up", "bytes_down", "wall_seconds"):
+        assert key in on_disk
+    assert (out / "rounds.png").stat().st_size > 10_000
+    for c in s["clients"]:
+        assert (out / "clients" / c["id"] / "student.safetensors").exists()
+
+
+def test_federation_over_embedded_amqtt(tmp_path):
+    _check(_run(tmp_path, "embedded"))
+
+
+@pytest.mark.mosquitto
+@pytest.mark.skipif(not _has_mosquitto(), reason="mosquitto not installed (make test installs it)")
+def test_federation_over_mosquitto(tmp_path):
+    _check(_run(tmp_path, "mosquitto"))
+
+
+def test_inference_only_profile_is_refused(tmp_path, monkeypatch):
+    catalog = Path(__file__).parent.parent / "devices"
+    custom = tmp_path / "devices"
+    shutil.copytree(catalog, custom)
+    text = (custom / "pi-zero-2w.toml").read_text().replace("can_train = true",
+                                                            "can_train = false")
+    (custom / "pi-zero-2w.toml").write_text(text)
+    monkeypatch.setenv("FEDEDGE_DEVICES", str(custom))
+    opts = SimulationOptions(clients=2, rounds=1, profiles=["pi-zero-2w"], out=tmp_path / "r")
+    with pytest.raises(SimulationError, match="cannot train"):
+        run_simulation(opts)
