@@ -26,9 +26,14 @@ mosquitto:
 		echo "mosquitto is missing; its tests will be skipped. Install it with: sudo apt-get install -y mosquitto"; \
 	fi
 
+FEDEDGE    := $(VENV)/bin/fededge
+
+# simulate → export every student (with int8) → run one exported model with onnxruntime only.
 demo: $(STAMP)
-	$(VENV)/bin/fededge devices
-	$(VENV)/bin/fededge simulate --out $(DEMO_OUT)
+	$(FEDEDGE) devices
+	$(FEDEDGE) simulate --out $(DEMO_OUT)
+	$(FEDEDGE) export $(DEMO_OUT) --all --quantize int8
+	$(FEDEDGE) infer "$$(ls -d $(DEMO_OUT)/export/*/ | head -n 1)" $(DEMO_OUT)/test.npz
 
 test: $(STAMP) mosquitto
 	$(PY) -m pytest -q

@@ -45,6 +45,12 @@ class FederationConfig:
     quorum: float = 0.5               # share of joined clients a round needs to close
     max_attempts: int = 3
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Local differential privacy (privacy.py): each device clips every uploaded logit row to L2
+    # norm ldp_clip and adds Gaussian noise of std ldp_noise_multiplier * ldp_clip; 0 turns it
+    # off. ldp_delta is the delta its (epsilon, delta) account is reported at.
+    ldp_noise_multiplier: float = 0.0
+    ldp_clip: float = 10.0
+    ldp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,6 +67,13 @@ class FederationConfig:
             (self.deadline_s > 0, "deadline_s", "positive seconds"),
             (0.0 < self.quorum <= 1.0, "quorum", "in (0, 1]"),
             (self.max_attempts >= 1, "max_attempts", "at least 1"),
+            (self.ldp_noise_multiplier >= 0, "ldp_noise_multiplier", "0 (off) or positive"),
+            (self.ldp_clip > 0, "ldp_clip", "positive"),
+            (0.0 < self.ldp_delta < 1.0, "ldp_delta", "in (0, 1)"),
+            # The class histogram travels un-noised, so it would void the logits' guarantee.
+            (not (self.ldp_noise_multiplier > 0 and self.share_class_counts),
+             "share_class_counts", "false when local differential privacy is on (the label "
+             "histogram is not noised)"),
         ]
         for ok, name, want in checks:
             if not ok:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,26 +110,54 @@ def _new_trainer(p: Participant, split: FederatedSplit, config: FederationConfig
     return Trainer(model, lr=config.lr, batch_size=config.batch_size, seed=seed)
 
 
-def _baselines(people: list[Participant], split: FederatedSplit, config: FederationConfig,
-               seed: int) -> tuple[list[float], list[float]]:
-    """Local-only (each student on its private data, same private-epoch budget as the
-    federation) and centralized (each architecture on all private data pooled)."""
-    local_epochs = config.warmup_epochs + config.rounds * config.revisit_epochs
-    local = []
-    for i, p in enumerate(people):
-        trainer = _new_trainer(p, split, config, seed + i)
-        data = split.clients[i]
-        trainer.fit(data.X, data.y, epochs=local_epochs)
-        local.append(trainer.accuracy(split.test_X, split.test_y))
-    pooled_X = np.concatenate([c.X for c in split.clients])
-    pooled_y = np.concatenate([c.y for c in split.clients])
-    central_by_student: dict[str, float] = {}
-    for i, p in enumerate(people):
-        if p.student not in central_by_student:
-            trainer = _new_trainer(p, split, config, seed + i)
-            trainer.fit(pooled_X, pooled_y, epochs=max(20, config.warmup_epochs))
-            central_by_student[p.student] = trainer.accuracy(split.test_X, split.test_y)
-    return local, [central_by_student[p.student] for p in people]
+class _BackgroundBaselines:
+    """Local-only (each student on its private data, with the federation's private-epoch
+    budget) and centralized (each architecture on all private data pooled) accuracies.
+
+    They train in a thread while the federation runs: the federation leaves part of the second
+    core idle (clients wait on each other and on the broker), and torch releases the GIL inside
+    its kernels, so this hides most of their cost. Models are built here, in the caller's
+    thread, because weight init draws from torch's global RNG, which the clients also use.
+    """
+
+    def __init__(self, people: list[Participant], split: FederatedSplit,
+                 config: FederationConfig, seed: int) -> None:
+        self._split = split
+        self._local_epochs = config.warmup_epochs + config.rounds * config.revisit_epochs
+        self._central_epochs = max(20, config.warmup_epochs)
+        self._local = [_new_trainer(p, split, config, seed + i) for i, p in enumerate(people)]
+        self._central: dict[str, Trainer] = {}
+        for i, p in enumerate(people):
+            if p.student not in self._central:
+                self._central[p.student] = _new_trainer(p, split, config, seed + i)
+        self._students = [p.student for p in people]
+        self._value: tuple[list[float], list[float]] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="baselines", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        split = self._split
+        try:
+            local = []
+            for trainer, data in zip(self._local, split.clients):
+                trainer.fit(data.X, data.y, epochs=self._local_epochs)
+                local.append(trainer.accuracy(split.test_X, split.test_y))
+            pooled_X = np.concatenate([c.X for c in split.clients])
+            pooled_y = np.concatenate([c.y for c in split.clients])
+            central = {}
+            for student, trainer in self._central.items():
+                trainer.fit(pooled_X, pooled_y, epochs=self._central_epochs)
+                central[student] = trainer.accuracy(split.test_X, split.test_y)
+            self._value = local, [central[s] for s in self._students]
+        except BaseException as exc:  # re-raised in the caller's thread
+            self._error = exc
+
+    def result(self) -> tuple[list[float], list[float]]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 @dataclass
@@ -164,6 +193,7 @@ def run_simulation(opts: SimulationOptions,
     on_round(None, f"{len(people)} clients, {len({p.student for p in people})} student "
                    f"architectures, {opts.broker} broker")
 
+    baselines = _BackgroundBaselines(people, split, config, opts.seed) if opts.baselines else None
     broker = _start_broker(opts.broker)
     transports: list[MqttTransport] = []
     try:
@@ -213,9 +243,9 @@ def run_simulation(opts: SimulationOptions,
         [tuple(iv) for per_round in server.metrics.values() for info in per_round.values()
          for iv in info.get("compute_intervals", [])], fed_start, fed_end)
     local_acc, central_acc = ([], [])
-    if opts.baselines:
-        on_round(None, "training baselines (local-only, centralized)")
-        local_acc, central_acc = _baselines(people, split, config, opts.seed)
+    if baselines is not None:
+        on_round(None, "finishing baselines (local-only, centralized)")
+        local_acc, central_acc = baselines.result()
     final = server.metrics.get(config.rounds, {})
     client_entries = [{"id": p.device_id, "profile": p.profile.name, "student": p.student,
                        "params": p.params, "accuracy": final.get(p.device_id, {}).get("accuracy"),
@@ -248,5 +278,6 @@ def run_simulation(opts: SimulationOptions,
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     np.savez_compressed(out / "eval_data.npz", test_X=split.raw_test_X, test_y=split.test_y,
                         public_X=split.raw_public_X)
+    np.savez_compressed(out / "test.npz", X=split.raw_test_X, y=split.test_y)  # for `infer`
     write_plot(rows, out / "rounds.png", title=f"fededge {config.strategy} on {dataset.name}")
     return SimulationResult(summary, rows, out)

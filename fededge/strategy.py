@@ -16,6 +16,7 @@ import numpy as np
 
 from .aggregate import get_aggregator
 from .config import FederationConfig
+from .privacy import LocalPrivacy
 from .protocol import ProtocolError, TensorSpec
 from .trainer import Trainer
 
@@ -143,13 +144,20 @@ class FedMDClient(ClientStrategy):
 
     name = "fedmd"
 
+    def __init__(self, config: FederationConfig) -> None:
+        super().__init__(config)
+        self.privacy = LocalPrivacy.from_config(config)
+
     def reply(self, ctx: ClientContext, announcement: Payload) -> Payload:
         rows = ctx.public_X[announcement.tensors["indices"]]
-        tensors = {"logits": ctx.trainer.logits(rows).astype(self.config.logit_dtype)}
+        logits, info = ctx.trainer.logits(rows), {}
+        if self.privacy is not None:  # local DP: noised here, before anything leaves the device
+            logits, info["ldp"] = self.privacy.apply(logits)
+        tensors = {"logits": logits.astype(self.config.logit_dtype)}
         if self.config.share_class_counts:
             tensors["class_counts"] = np.bincount(
                 ctx.private_y, minlength=self.config.num_classes).astype(np.int64)
-        return Payload(tensors=tensors)
+        return Payload(info=info, tensors=tensors)
 
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
         rows = ctx.public_X[announcement.tensors["indices"]]

@@ -237,7 +237,7 @@ def test_tiny_budget_raises_a_helpful_error(catalog: dict[str, profiles.DevicePr
         profiles.pick_student(tiny, *DIGITS)
     message = str(info.value)
     assert "'pi-zero-2w'" in message
-    assert "the smallest, cnn-xs, exceeds budgets.max_params (needs 1,898, budget 500)" in message
+    assert "the smallest, cnn-xs, exceeds budgets.max_params (needs 3,706, budget 500)" in message
     assert re.search(r"Raise budgets\.max_params in \S*pi-zero-2w\.toml", message)
     assert "max_latency_ms" not in message  # only the budgets actually exceeded
     assert isinstance(info.value, profiles.ProfileError)

@@ -22,7 +22,7 @@ def _has_mosquitto() -> bool:
 
 def _run(tmp_path: Path, broker: str):
     opts = SimulationOptions(clients=3, rounds=3, profiles=PROFILES, out=tmp_path / "run",
-                             broker=broker, seed=1)
+                             broker=broker, seed=1, overrides={"warmup_epochs": 10})
     return run_simulation(opts)
 
 
