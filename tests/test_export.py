@@ -22,18 +22,9 @@ from fededge.trainer import Trainer
 PROFILE = "pi-4-4gb"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models train fastest on one thread, and two threads thrash on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def digits():
-    return split_federated(load_dataset("digits"), 1, partition="iid", seed=0)
+def digits(digits_iid):
+    return digits_iid
 
 
 @pytest.fixture(scope="module")

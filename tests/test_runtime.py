@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from fededge import runtime
 from fededge.cli_model import infer_cmd
-from fededge.data import load_dataset, split_federated
 from fededge.export import EvalData, StudentMeta, export_student
 from fededge.models import build_student
 from fededge.profiles import get_profile
@@ -30,18 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 BLOCKER = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models train fastest on one thread, and two threads thrash on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def split():
-    return split_federated(load_dataset("digits"), 1, partition="iid", seed=0)
+def split(digits_iid):
+    return digits_iid
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,6 @@ from fededge.data import load_dataset, split_federated
 from fededge.trainer import Trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest single-threaded; intra-op threads only contend for 2 cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits_flat():
     """Digits split into train (the private pool), proxy and test, flattened to 64 features."""
