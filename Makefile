@@ -1,4 +1,5 @@
-# fededge: `make demo` runs a real federation; `make test` runs the test suite.
+# fededge: `make demo` runs a real federation; `make test` runs the test suite;
+# `make bench` regenerates the strategy benchmarks.
 # Everything either target needs is installed here, into .venv (torch first, from TORCH_SPEC,
 # so pip never resolves a bare `torch` to a multi-GB CUDA build).
 PYTHON     ?= python3
@@ -37,6 +38,13 @@ demo: $(STAMP)
 
 test: $(STAMP) mosquitto
 	$(PY) -m pytest -q
+
+# The strategy suite behind BENCHMARKS.md: fedmd vs FedAvg vs fedavg-kd on digits and wine,
+# 3 label skews x 3 seeds, codecs, aggregators, and 10/50/100 clients in one process. Many hours
+# on 2 cores; it resumes where it stopped (benchmarks/results/suite.jsonl). BENCH_ARGS=--quick
+# is the CI smoke (digits, alpha 0.5, seed 0, 3 rounds, a few minutes).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,8 +3,9 @@ user can cause are printed as one line naming the bad input, never as a tracebac
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -94,7 +95,9 @@ def simulate(
     seed: int = typer.Option(0, help="Seed for the split, models and proxy subsets."),
     aggregator: str = typer.Option("era", help="mean, prob-mean, era, weighted, median, "
                                                "trimmed-mean."),
-    strategy: str = typer.Option("fedmd", help="Federation strategy."),
+    strategy: str = typer.Option("fedmd", help="fedmd (logit distillation), fedavg (weight "
+                                               "averaging, one student) or fedavg-kd (a FedAvg "
+                                               "teacher distilled into each student)."),
     profiles: Optional[str] = typer.Option(None, help="Comma-separated device profiles assigned "
                                                       "round-robin (default: all that train)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run directory for metrics, plot and "
@@ -102,6 +105,16 @@ def simulate(
     broker: str = typer.Option("embedded", help="embedded (amqtt, in-process) or mosquitto "
                                                 "(a local mosquitto process)."),
     baselines: bool = typer.Option(True, help="Also train local-only and centralized baselines."),
+    student: Optional[str] = typer.Option(None, help="Every device trains this student (default: "
+                                                     "each profile picks; fedavg: the largest "
+                                                     "all can train)."),
+    codec: str = typer.Option("float16", help="Logit encoding on the wire: float16, int8 or "
+                                              "topk."),
+    max_message: int = typer.Option(0, help="Send payloads above this many bytes in chunks "
+                                            "(0: never), for brokers that cap message size."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Federation setting "
+                                                 "KEY=VALUE, repeatable (e.g. --set "
+                                                 "local_epochs=5)."),
 ) -> None:
     """Run a whole federation on this machine: broker, server and clients over real MQTT."""
     from .simulate import SimulationOptions, run_simulation
@@ -109,7 +122,9 @@ def simulate(
     opts = SimulationOptions(
         data=data, clients=clients, rounds=rounds, partition=partition, alpha=alpha, seed=seed,
         aggregator=aggregator, strategy=strategy, out=out, broker=broker, baselines=baselines,
-        profiles=[p for p in profiles.split(",") if p.strip()] if profiles else None)
+        profiles=[p for p in profiles.split(",") if p.strip()] if profiles else None,
+        student=student, max_message=max_message,
+        overrides={"logit_codec": codec, **_settings(settings or [])})
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                         TimeElapsedColumn(), console=console)
@@ -131,6 +146,23 @@ def simulate(
     _print_simulation(result)
 
 
+def _settings(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` federation settings; values parse as JSON (numbers, true/false) or text."""
+    from .config import FederationConfig
+
+    known = {f.name for f in dataclasses.fields(FederationConfig)}
+    settings: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            _fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
 def _print_simulation(result) -> None:
     s = result.summary
     console.print(rounds_table(result.rows, title="Per-round results (all clients)"))
@@ -146,7 +178,7 @@ def _print_simulation(result) -> None:
                         pct(c.get("centralized_accuracy")))
     console.print(clients)
     console.print(
-        f"[bold]fedmd mean accuracy {pct(s['mean_accuracy'])}[/] · local-only "
+        f"[bold]{s['strategy']} mean accuracy {pct(s['mean_accuracy'])}[/] · local-only "
         f"{pct(s['local_only_mean_accuracy'])} · centralized {pct(s['centralized_mean_accuracy'])}"
         f"\ntraffic: {human_bytes(s['bytes_up'])} up, {human_bytes(s['bytes_down'])} down "
         f"({human_bytes(s['bytes_per_client_round'])} per client per round); uploads "
@@ -157,34 +189,17 @@ def _print_simulation(result) -> None:
         highlight=False)
 
 
-@app.command("broker")
-def broker_cmd(
-    embedded: bool = typer.Option(True, "--embedded/--mosquitto",
-                                  help="amqtt in this process, or a local mosquitto process."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(1883, help="Port to listen on."),
-) -> None:
-    """Run an MQTT broker for development until Ctrl-C."""
-    from .broker import EmbeddedBroker, MosquittoBroker
-
-    try:
-        broker = (EmbeddedBroker(host, port) if embedded else MosquittoBroker(port=port,
-                                                                               host=host)).start()
-    except _user_errors() as exc:
-        _fail(exc)
-    console.print(f"{'amqtt' if embedded else 'mosquitto'} broker listening on {host}:{port} "
-                  "(Ctrl-C to stop)")
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        broker.stop()
-
-
 app.command("export")(export_cmd)
 app.command("infer")(infer_cmd)
+
+# Deployment: kits, the production broker, and the server and devices run from kits.
+from .cli_kit import broker_cmd, client_cmd, provision_cmd, server_cmd, verify_kit_cmd  # noqa: E402
+
+app.command("provision")(provision_cmd)
+app.command("verify-kit")(verify_kit_cmd)
+app.command("broker")(broker_cmd)
+app.command("server")(server_cmd)
+app.command("client")(client_cmd)
 
 
 if __name__ == "__main__":

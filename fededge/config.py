@@ -51,6 +51,27 @@ class FederationConfig:
     ldp_noise_multiplier: float = 0.0
     ldp_clip: float = 10.0
     ldp_delta: float = 1e-5
+    # While uploads or reports are missing, the server re-publishes its retained state (config,
+    # last consensus, the round naming who it still waits for) this often, so clients that
+    # reconnected, restarted or lost a message catch up. 0: a quarter of deadline_s.
+    resend_s: float = 0.0
+    # How logits travel, uploads and consensus alike (compress.py): float16 (in logit_dtype),
+    # int8 (1 byte per value, per-row scale) or topk (the logit_topk most likely classes' log-
+    # probabilities per row; the others share the remaining mass).
+    logit_codec: str = "float16"
+    logit_topk: int = 3
+    # Weight-averaging strategies (strategy.py). fedavg: every device trains `student`.
+    # fedavg-kd: the devices whose student is at least as large as `teacher` ('' = the largest
+    # zoo member) train it by FedAvg; after the last round every device distills it into its
+    # own student on its private data (kd_epochs, KD loss weight kd_alpha on the teacher), then
+    # fine-tunes on labels (finetune_epochs). local_epochs: private epochs per round (FedAvg's
+    # E; on digits, alpha 0.5, cnn-xs, 20 rounds: 88.9% with 2, 94.7% with 5, 95.5% with 10).
+    student: str = ""
+    teacher: str = ""
+    local_epochs: int = 5
+    kd_alpha: float = 0.5
+    kd_epochs: int = 20
+    finetune_epochs: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -74,6 +95,12 @@ class FederationConfig:
             (not (self.ldp_noise_multiplier > 0 and self.share_class_counts),
              "share_class_counts", "false when local differential privacy is on (the label "
              "histogram is not noised)"),
+            (self.resend_s >= 0, "resend_s", "0 (a quarter of deadline_s) or positive seconds"),
+            (self.logit_topk >= 1, "logit_topk", "at least 1"),
+            (self.local_epochs >= 1, "local_epochs", "at least 1"),
+            (0.0 <= self.kd_alpha <= 1.0, "kd_alpha", "in [0, 1]"),
+            (self.kd_epochs >= 1, "kd_epochs", "at least 1"),
+            (self.finetune_epochs >= 0, "finetune_epochs", "0 or more"),
         ]
         for ok, name, want in checks:
             if not ok:

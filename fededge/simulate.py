@@ -19,16 +19,18 @@ import torch
 
 from . import __version__
 from .broker import EmbeddedBroker, MosquittoBroker
+from .chunking import MIN_PAYLOAD, ChunkingTransport
 from .client import DeviceIdentity, FederationClient, LocalData
 from .config import FederationConfig
 from .data import FederatedSplit, load_dataset, split_federated
-from .models import build_student
+from .models import build_student, estimate_cost, zoo_for
 from .profiles import DeviceProfile, get_profile, load_catalog, pick_student
 from .report import RoundRow, round_rows, union_seconds, write_plot
 from .server import FederationServer, ServerEvents
+from .store import Store, StoreError
 from .strategy import strategy_pair
 from .trainer import Trainer
-from .transport import MqttTransport
+from .transport import MqttTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,15 @@ class SimulationOptions:
     baselines: bool = True
     torch_threads: int = 1
     overrides: dict[str, Any] = field(default_factory=dict)
+    # > 0 makes slower profiles real stragglers: each client sleeps straggle × (fastest
+    # profile's compute / its own − 1) times the duration of each of its compute steps.
+    straggle: float = 0.0
+    # Every device trains this student (a homogeneous federation); strategies that average
+    # weights default to the largest student every device's profile can train.
+    student: str | None = None
+    # > 0: payloads above this many bytes travel in chunks (chunking.py), for brokers that
+    # cap the message size.
+    max_message: int = 0
 
 
 @dataclass
@@ -71,22 +82,37 @@ def _default_profiles() -> list[DeviceProfile]:
     return sorted(usable, key=lambda p: p.peak_gflops)
 
 
+def _device_profiles(opts: SimulationOptions) -> list[DeviceProfile]:
+    """One profile per device, assigned round-robin."""
+    profiles = ([get_profile(name.strip()) for name in opts.profiles] if opts.profiles
+                else _default_profiles())
+    return [profiles[i % len(profiles)] for i in range(opts.clients)]
+
+
+def homogeneous_student(opts: SimulationOptions, split: FederatedSplit) -> str:
+    """The student every device trains: ``--student``, or for a strategy that averages
+    weights the largest student every device can train; '' when each device picks its own."""
+    if opts.student or not strategy_pair(opts.strategy)[0].homogeneous:
+        return opts.student or ""
+    picks = [pick_student(p, split.input_shape, split.num_classes).student
+             for p in _device_profiles(opts)]
+    return min(picks, key=zoo_for(split.input_shape).index)
+
+
 def plan_participants(opts: SimulationOptions, split: FederatedSplit) -> list[Participant]:
     """Assign profiles round-robin and pick each device's student from its profile."""
-    if opts.profiles:
-        profiles = [get_profile(name.strip()) for name in opts.profiles]
-    else:
-        profiles = _default_profiles()
+    forced = homogeneous_student(opts, split)
     people = []
-    for i in range(opts.clients):
-        profile = profiles[i % len(profiles)]
+    for i, profile in enumerate(_device_profiles(opts)):
         choice = pick_student(profile, split.input_shape, split.num_classes)
         if choice.inference_only:
             raise SimulationError(
                 f"profile {profile.name!r} cannot train (can_train = false); it can only run "
                 "exported students. Leave it out of --profiles")
-        people.append(Participant(f"dev{i:03d}-{profile.name}", profile, choice.student,
-                                  choice.cost.params))
+        student = forced or choice.student
+        people.append(Participant(f"dev{i:03d}-{profile.name}", profile, student,
+                                  estimate_cost(student, split.input_shape,
+                                                split.num_classes).params))
     return people
 
 
@@ -108,6 +134,68 @@ def _new_trainer(p: Participant, split: FederatedSplit, config: FederationConfig
     torch.manual_seed(seed)
     model = build_student(p.student, split.input_shape, split.num_classes)
     return Trainer(model, lr=config.lr, batch_size=config.batch_size, seed=seed)
+
+
+def federation_config(opts: SimulationOptions, split: FederatedSplit) -> FederationConfig:
+    """The federation settings the options and the split imply."""
+    return FederationConfig(
+        strategy=opts.strategy, aggregator=opts.aggregator, rounds=opts.rounds, seed=opts.seed,
+        num_classes=split.num_classes, input_shape=tuple(split.input_shape),
+        proxy_sha256=split.proxy_sha256, proxy_size=len(split.public_X),
+        student=homogeneous_student(opts, split)).replace(**opts.overrides)
+
+
+def resume_context(opts: SimulationOptions) -> dict[str, Any]:
+    """Options outside the config that decide the split and the devices: a resumed run must
+    agree on them."""
+    return {"data": opts.data, "clients": opts.clients, "partition": opts.partition,
+            "alpha": opts.alpha, "profiles": opts.profiles}
+
+
+def slowdown(people: list[Participant], index: int, straggle: float) -> float:
+    """How many times its own compute time client ``index`` sleeps to play its profile."""
+    fastest = max(p.profile.relative_compute for p in people)
+    return straggle * (fastest / people[index].profile.relative_compute - 1)
+
+
+def build_client(people: list[Participant], index: int, split: FederatedSplit, dataset: str,
+                 config: FederationConfig, transport: MqttTransport, checkpoint_dir: Path,
+                 straggle: float = 0.0) -> FederationClient:
+    """Device ``index`` of a simulated federation, exactly as a real device would run."""
+    p, data = people[index], split.clients[index]
+    local = LocalData(data.X, data.y, split.public_X, split.proxy_sha256, split.test_X,
+                      split.test_y)
+    meta = {"input_shape": list(split.input_shape), "num_classes": split.num_classes,
+            "class_names": list(split.class_names),
+            "preprocessing": split.preprocessing.to_dict(),
+            "dataset": dataset, "fededge_version": __version__}
+    return FederationClient(
+        transport, config.federation,
+        DeviceIdentity(p.device_id, p.profile.name, p.student, p.params),
+        _new_trainer(p, split, config, config.seed + index), local,
+        checkpoint_dir=checkpoint_dir, checkpoint_meta=meta,
+        slowdown=slowdown(people, index, straggle))
+
+
+def chunked(transport: MqttTransport, opts: SimulationOptions) -> Transport:
+    """The transport, splitting payloads over ``--max-message`` bytes into chunks if set."""
+    if not opts.max_message:
+        return transport
+    if opts.max_message < MIN_PAYLOAD:
+        raise SimulationError(f"--max-message must be 0 (no chunking) or at least {MIN_PAYLOAD} "
+                              f"bytes, got {opts.max_message}")
+    return ChunkingTransport(transport, opts.max_message)
+
+
+def open_store(out: Path) -> Store:
+    """The run directory's server state; a finished run there is replaced by a fresh one, an
+    unfinished one is resumed."""
+    store = Store(out)
+    if store.finished:
+        store.close()
+        Store.wipe(out)
+        store = Store(out)
+    return store
 
 
 class _BackgroundBaselines:
@@ -182,10 +270,7 @@ def run_simulation(opts: SimulationOptions,
     dataset = load_dataset(opts.data)
     split = split_federated(dataset, opts.clients, partition=opts.partition, alpha=opts.alpha,
                             seed=opts.seed)
-    config = FederationConfig(
-        strategy=opts.strategy, aggregator=opts.aggregator, rounds=opts.rounds, seed=opts.seed,
-        num_classes=split.num_classes, input_shape=tuple(split.input_shape),
-        proxy_sha256=split.proxy_sha256, proxy_size=len(split.public_X)).replace(**opts.overrides)
+    config = federation_config(opts, split)
     server_strategy = strategy_server(config)  # validates the aggregator before any work
     people = plan_participants(opts, split)
     out = Path(opts.out)
@@ -194,37 +279,37 @@ def run_simulation(opts: SimulationOptions,
                    f"architectures, {opts.broker} broker")
 
     baselines = _BackgroundBaselines(people, split, config, opts.seed) if opts.baselines else None
+    store = open_store(out)
     broker = _start_broker(opts.broker)
-    transports: list[MqttTransport] = []
+    transports: list[Transport] = []
     try:
-        server_transport = MqttTransport("server", broker.host, broker.port).connect()
+        server_transport = chunked(MqttTransport("server", broker.host, broker.port).connect(),
+                                   opts)
         transports.append(server_transport)
-        clients = []
-        for i, p in enumerate(people):
-            will = FederationClient.last_will(config.federation, p.device_id)
-            transport = MqttTransport(p.device_id, broker.host, broker.port, will=will).connect()
-            transports.append(transport)
-            data = split.clients[i]
-            local = LocalData(data.X, data.y, split.public_X, split.proxy_sha256,
-                              split.test_X, split.test_y)
-            meta = {"input_shape": list(split.input_shape), "num_classes": split.num_classes,
-                    "class_names": list(split.class_names),
-                    "preprocessing": split.preprocessing.to_dict(),
-                    "dataset": dataset.name, "fededge_version": __version__}
-            clients.append(FederationClient(
-                transport, config.federation,
-                DeviceIdentity(p.device_id, p.profile.name, p.student, p.params),
-                _new_trainer(p, split, config, opts.seed + i), local,
-                checkpoint_dir=out / "clients" / p.device_id, checkpoint_meta=meta).start())
-
         server: FederationServer
 
         def round_reported(rnd: int) -> None:
             on_round(round_rows(server.metrics, server.history, upto=rnd)[-1], "")
 
-        server = FederationServer(server_transport, config, server_strategy,
-                                  expected_clients=len(people),
-                                  events=ServerEvents(on_round_reported=round_reported))
+        try:
+            server = FederationServer(server_transport, config, server_strategy,
+                                      expected_clients=len(people), store=store,
+                                      context=resume_context(opts),
+                                      events=ServerEvents(on_round_reported=round_reported))
+        except StoreError as exc:
+            raise SimulationError(f"{out} holds an unfinished run with other settings; pass "
+                                  f"another --out or delete it ({exc})") from None
+        config = server.config  # on resume: the stored run, with its run_id
+        if server.resumed_from_round is not None:
+            on_round(None, f"resuming at round {server.resumed_from_round}")
+        clients = []
+        for i, p in enumerate(people):
+            will = FederationClient.last_will(config.federation, p.device_id)
+            transport = chunked(MqttTransport(p.device_id, broker.host, broker.port,
+                                              will=will).connect(), opts)
+            transports.append(transport)
+            clients.append(build_client(people, i, split, dataset.name, config, transport,
+                                        out / "clients" / p.device_id, opts.straggle).start())
         fed_start = time.time()
         server.run()
         for c in clients:
@@ -271,7 +356,9 @@ def run_simulation(opts: SimulationOptions,
         "federation_seconds": fed_wall, "compute_seconds": compute,
         "overhead_share": max(0.0, 1.0 - compute / fed_wall) if fed_wall > 0 else None,
         "wall_seconds": time.time() - started, "config": config.to_dict(),
+        "resumed_from_round": server.resumed_from_round,
     }
+    store.close()
     with open(out / "metrics.jsonl", "w") as fh:
         for row in rows:
             fh.write(json.dumps(row.to_dict()) + "\n")

@@ -36,6 +36,15 @@ def publish_packet_size(topic: str, payload: bytes, qos: int = 1) -> int:
     return 1 + varint + remaining
 
 
+def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged a QoS-1 publish. A publish made while disconnected keeps
+    rc NO_CONN even after paho re-sent it on reconnect, and paho's ``is_published()`` raises for
+    it; its PUBACK still sets the flag read here."""
+    if info.rc == mqtt.MQTT_ERR_NO_CONN:
+        return bool(info._published)
+    return info.is_published()
+
+
 def _category(topic: str) -> str:
     """Byte counts are grouped by the topic level after ``fededge/<fed>/`` (up, round, ...)."""
     parts = topic.split("/")
@@ -187,7 +196,7 @@ class MqttTransport(Transport):
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         self.stats.record(topic, payload, sent=True)
         with self._lock:
-            self._pending = [p for p in self._pending if not p.is_published()]
+            self._pending = [p for p in self._pending if not _acknowledged(p)]
             self._pending.append(info)
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -195,15 +204,11 @@ class MqttTransport(Transport):
         deadline = time.monotonic() + timeout
         with self._lock:
             pending = list(self._pending)
-        for info in pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while not all(_acknowledged(p) for p in pending):
+            if time.monotonic() > deadline:
                 return False
-            try:
-                info.wait_for_publish(remaining)
-            except (RuntimeError, ValueError):
-                return False
-        return all(p.is_published() for p in pending)
+            time.sleep(0.01)
+        return True
 
     def close(self) -> None:
         self.flush()

@@ -7,7 +7,7 @@ import pytest
 
 from fededge import protocol as proto
 from fededge.server import FederationError, FederationServer
-from fededge.strategy import FedMDServer
+from fededge.strategy import FedMDServer, Payload, announced_rows
 from fededge.transport import MemoryHub
 
 from helpers import make_client, small_config, small_split
@@ -59,7 +59,7 @@ def test_hostile_uploads_are_rejected_and_the_round_still_closes(split):
         if msg.kind != proto.KIND_ROUND or sent.is_set():
             return
         sent.set()
-        rows = len(msg.tensors["indices"])
+        rows = len(announced_rows(Payload(msg.info, msg.tensors), config.proxy_size))
         counts = np.array([5] + [0] * 9, np.int64)
 
         def upload(sender, rnd=1, classes=10, class_counts=counts):

@@ -1,0 +1,585 @@
+"""Provisioning, kits, the secured Mosquitto broker, and local differential privacy.
+
+Broker tests run a real Mosquitto from a provisioned kit on a free loopback port (never 1883),
+started through `fededge broker --kit` like an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fededge import mosquitto_files as mq
+from fededge import pki
+from fededge import protocol as proto
+from fededge.broker import BrokerError, free_port, mosquitto_binary, wait_for_port
+from fededge.cli import app
+from fededge.config import ConfigError, FederationConfig
+from fededge.fedfile import FederationFileError
+from fededge.kit import load_kit
+from fededge.manifest import verify_manifest
+from fededge.privacy import (LocalPrivacy, clip_rows, delta_for, epsilon_for, privacy_report,
+                             release_mu)
+from fededge.provision import provision
+from fededge.transport import MemoryHub, MqttTransport, TlsConfig, TransportError
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "federation.toml"
+DEVICES = ("pi5-kitchen", "jetson-lab", "gateway-1")
+
+
+def _has_mosquitto() -> bool:
+    try:
+        mosquitto_binary()
+        return True
+    except BrokerError:
+        return False
+
+
+def _federation_file(tmp: Path, *, port: int = 8883, extra_device: bool = False,
+                     settings: str = "", privacy: str = "") -> Path:
+    """The shipped example with test-sized settings (ports, rounds, epochs) swapped in."""
+    text = EXAMPLE.read_text().replace("tls_port = 8883", f"tls_port = {port}")
+    text = re.sub(r"(?ms)^\[training\].*?(?=^# Optional local)",
+                  f"[training]\n{settings}\n\n", text)
+    if privacy:
+        text = text.replace("# [privacy]", f"[privacy]\n{privacy}\n# ")
+    if extra_device:
+        text += '\n[[devices]]\nid = "pi4-garage"\nprofile = "pi-4-4gb"\n'
+    path = tmp / "federation.toml"
+    path.write_text(text)
+    return path
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ----------------------------------------------------------------------------- provisioning
+
+def test_example_provisions_as_is(tmp_path):
+    kits = tmp_path / "kits"
+    result = CliRunner().invoke(app, ["provision", str(EXAMPLE), "--out", str(kits)])
+    assert result.exit_code == 0, result.output
+    students = {load_kit(kits / d).student for d in DEVICES}
+    assert {load_kit(kits / d).profile for d in DEVICES} == {
+        "pi-5-8gb", "jetson-orin-nano-8gb", "x86-gateway"} and students
+
+    for kit in [*DEVICES, "server"]:
+        loaded = load_kit(kits / kit)
+        assert loaded.broker.host == "127.0.0.1" and loaded.broker.username == kit
+        assert loaded.dataset.proxy_sha256 == loaded.config["proxy_sha256"]
+        cert = pki.Identity.load(kits / kit / "client.crt", kits / kit / "client.key").cert
+        assert pki.common_name(cert) == kit
+        for secret in ("password", "client.key"):
+            assert _mode(kits / kit / secret) == 0o600, (kit, secret)
+        assert (kits / kit / "start.sh").stat().st_mode & stat.S_IXUSR
+        unit = (kits / kit / f"fededge-{'server' if kit == 'server' else 'client'}.service")
+        assert "ExecStart=" in unit.read_text()
+    for secret in ("ca/ca.key", "broker/passwd", "broker/broker.key"):
+        assert _mode(kits / secret) == 0o600, secret
+    assert not (kits / "broker" / "ca.key").exists()
+    assert load_kit(kits / "server").devices == DEVICES
+
+    conf = (kits / "broker" / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and "require_certificate true" in conf
+    assert re.search(r"^listener 8883 127\.0\.0\.1$", conf, re.M)
+    assert len(re.findall(r"^listener ", conf, re.M)) == 1  # no plain listener unless asked
+    before_listener = conf[:conf.index("\nlistener ")]
+    per_listener = ("use_username_as_clientid", "cafile", "certfile", "keyfile", "protocol",
+                    "require_certificate", "use_identity_as_username", "max_connections")
+    assert not [o for o in per_listener if re.search(rf"^{o} ", before_listener, re.M)], \
+        "a listener option before the first listener opens a default listener on 1883"
+    with_plain = mq.render_conf(mq.ConfSettings("demo", "0.0.0.0", 8883, 1884, 3, 10, 3))
+    assert re.findall(r"^listener .*$", with_plain, re.M) == ["listener 8883 0.0.0.0",
+                                                              "listener 1884 127.0.0.1"]
+    assert with_plain.count("\nuse_username_as_clientid true") == 2  # one per listener
+    queued = int(re.search(r"^max_queued_messages (\d+)$", conf, re.M).group(1))
+    assert queued == mq.queue_size(3, 10, 3) >= 1000  # never below Mosquitto's default
+    assert mq.queue_size(50, 100, 3) == 2 * 51 * 101 * 9  # grows with the federation
+    passwd = mq.parse_passwd((kits / "broker" / "passwd").read_text())
+    assert set(passwd) == {*DEVICES, "server"}
+    for kit in [*DEVICES, "server"]:
+        assert mq.check_password((kits / kit / "password").read_text().strip(), passwd[kit])
+    acl = (kits / "broker" / "acl").read_text()
+    assert "topic write fededge/demo/up/jetson-lab\n" in acl
+    block = acl.split("user jetson-lab\n")[1].split("\n\n")[0].splitlines()
+    assert block == ["topic read fededge/demo/config", "topic read fededge/demo/round",
+                     "topic read fededge/demo/consensus", "topic write fededge/demo/up/jetson-lab",
+                     "topic write fededge/demo/presence/jetson-lab"]
+    assert verify_manifest(kits) == (len(json.loads((kits / "manifest.json").read_text())
+                                         ["files"]), [])
+    verified = CliRunner().invoke(app, ["verify-kit", str(kits / "jetson-lab")])
+    assert verified.exit_code == 0 and "match" in verified.output
+
+
+def test_password_file_is_mosquitto_compatible(tmp_path):
+    stored = mq.hash_password("s3cret")
+    assert re.fullmatch(r"\$7\$101\$[A-Za-z0-9+/]{16}\$[A-Za-z0-9+/]{86}==", stored)
+    assert mq.check_password("s3cret", stored) and not mq.check_password("other", stored)
+    tool = shutil.which("mosquitto_passwd")
+    if tool:  # the reverse direction: a hash written by Mosquitto's own tool
+        subprocess.run([tool, "-c", "-b", str(tmp_path / "pw"), "alice", "s3cret"], check=True)
+        assert mq.check_password("s3cret", mq.parse_passwd((tmp_path / "pw").read_text())["alice"])
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ('profile = "x86-gateway"', 'profile = "pi-9"', ["gateway-1", "unknown device profile 'pi-9'"]),
+    ('id = "jetson-lab"', 'id = "pi5-kitchen"', ["duplicate device id 'pi5-kitchen'"]),
+    ("tls_port = 8883", "tls_port = 70000", ["tls_port must be a port number"]),
+    ("rounds = 10", "rounds = 0", ["'rounds' must be at least 1"]),
+    ('profile = "pi-5-8gb"', 'proifle = "pi-5-8gb"', ["unknown key 'proifle'"]),
+])
+def test_bad_federation_file_names_the_line(tmp_path, old, new, words):
+    text = EXAMPLE.read_text().replace(old, new)
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if line.startswith(new)]
+    line = lines[-1]  # a duplicate is reported where it repeats, naming the first use
+    path = tmp_path / "federation.toml"
+    path.write_text(text)
+    with pytest.raises(FederationFileError) as err:
+        provision(path, tmp_path / "kits")
+    assert f"{path} line {line}:" in str(err.value)
+    for word in words + ([f"first used on line {lines[0]}"] if len(lines) > 1 else []):
+        assert word in str(err.value)
+    result = CliRunner().invoke(app, ["provision", str(path), "--out", str(tmp_path / "k")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error:") and f"line {line}:" in result.output
+
+
+def _credentials(kits: Path, party: str) -> dict[str, bytes]:
+    return {name: (kits / party / name).read_bytes()
+            for name in ("password", "client.crt", "client.key")}
+
+
+def test_reprovision_adds_a_device_and_keeps_everyone_elses_credentials(tmp_path):
+    kits = tmp_path / "kits"
+    provision(_federation_file(tmp_path), kits)
+    before = {p: _credentials(kits, p) for p in [*DEVICES, "server"]}
+    broker_before = {n: (kits / "broker" / n).read_bytes() for n in ("broker.crt", "broker.key")}
+    ca_before = (kits / "ca" / "ca.key").read_bytes()
+    passwd_before = mq.parse_passwd((kits / "broker" / "passwd").read_text())
+
+    result = provision(_federation_file(tmp_path, extra_device=True), kits)
+    assert {d.id: d.status for d in result.devices} == {**dict.fromkeys(DEVICES, "kept"),
+                                                        "pi4-garage": "new"}
+    assert {p: _credentials(kits, p) for p in [*DEVICES, "server"]} == before
+    assert {n: (kits / "broker" / n).read_bytes() for n in broker_before} == broker_before
+    assert (kits / "ca" / "ca.key").read_bytes() == ca_before
+    passwd = mq.parse_passwd((kits / "broker" / "passwd").read_text())
+    assert {u: passwd[u] for u in passwd_before} == passwd_before  # lines byte-identical
+    assert "pi4-garage" in passwd and "user pi4-garage" in (kits / "broker" / "acl").read_text()
+    assert load_kit(kits / "server").devices == (*DEVICES, "pi4-garage")
+    assert verify_manifest(kits)[1] == []
+
+
+def test_revoke_removes_the_device_from_password_file_and_acl(tmp_path):
+    kits = tmp_path / "kits"
+    federation = _federation_file(tmp_path)
+    provision(federation, kits)
+    kept = _credentials(kits, "pi5-kitchen")
+    for not_a_device in ("ca", "broker", "server", "nobody"):
+        with pytest.raises(ValueError, match=f"--revoke {not_a_device}: no such device"):
+            provision(federation, kits, revoke=[not_a_device])
+    assert (kits / "ca" / "ca.key").is_file() and (kits / "server" / "server.toml").is_file()
+    result = CliRunner().invoke(app, ["provision", str(federation), "--out", str(kits),
+                                      "--revoke", "jetson-lab"])
+    assert result.exit_code == 0, result.output
+    assert "revoked jetson-lab" in result.output
+    assert "jetson-lab" not in mq.parse_passwd((kits / "broker" / "passwd").read_text())
+    assert "jetson-lab" not in (kits / "broker" / "acl").read_text()
+    assert not (kits / "jetson-lab").exists()
+    assert load_kit(kits / "server").devices == ("pi5-kitchen", "gateway-1")
+    assert _credentials(kits, "pi5-kitchen") == kept
+    # Still listed in the file: later runs skip it, never re-issue credentials.
+    again = CliRunner().invoke(app, ["provision", str(federation), "--out", str(kits)])
+    assert again.exit_code == 0 and "jetson-lab is still listed" in again.output
+    assert not (kits / "jetson-lab").exists()
+    assert verify_manifest(kits)[1] == []
+
+
+def test_a_device_dropped_from_the_file_must_be_revoked_explicitly(tmp_path):
+    kits = tmp_path / "kits"
+    provision(_federation_file(tmp_path, extra_device=True), kits)
+    with pytest.raises(ValueError, match="pi4-garage.*--revoke pi4-garage"):
+        provision(_federation_file(tmp_path), kits)
+
+
+def test_verify_kit_catches_a_changed_byte(tmp_path):
+    kits = tmp_path / "kits"
+    provision(_federation_file(tmp_path), kits)
+    target = kits / "gateway-1" / "client.toml"
+    data = bytearray(target.read_bytes())
+    data[200] ^= 0x01
+    target.write_bytes(bytes(data))
+    for directory in (kits / "gateway-1", kits):
+        result = CliRunner().invoke(app, ["verify-kit", str(directory)])
+        assert result.exit_code == 1
+        assert "client.toml: changed" in result.output
+    (kits / "pi5-kitchen" / "state").mkdir()  # checkpoints are not kit content
+    (kits / "pi5-kitchen" / "state" / "student.json").write_text("{}")
+    (kits / "pi5-kitchen" / "extra.conf").write_text("x")
+    assert verify_manifest(kits / "pi5-kitchen")[1] == [
+        "extra.conf: not in the manifest (added after provisioning)"]
+
+
+# ----------------------------------------------------------------------------- privacy
+
+def test_clipping_and_noise_scale():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 20, (500, 10))
+    clipped = clip_rows(logits, 5.0)
+    assert np.allclose(np.linalg.norm(clipped, axis=1), 5.0)
+    small = logits / 100
+    assert np.allclose(clip_rows(small, 5.0), small)
+    mech = LocalPrivacy(clip=5.0, noise_multiplier=2.0, delta=1e-5, rng=rng)
+    noisy, account = mech.apply(logits)
+    assert noisy.dtype == np.float32
+    assert abs(np.std(noisy - clipped) - 10.0) < 0.3
+    assert account["releases"] == 1 and account["epsilon_total"] == account["epsilon_per_round"]
+
+
+def test_accountant_matches_the_gaussian_mechanism_curve():
+    from scipy.stats import norm
+
+    # delta(0) of mu-GDP is the total variation distance of N(0,1) and N(mu,1).
+    assert delta_for(0.0, 1.0) == pytest.approx(2 * norm.cdf(0.5) - 1, rel=1e-9)
+    for mu in (0.3, 1.0, 5.0, 60.0):
+        eps = epsilon_for(1e-5, mu)
+        assert delta_for(eps, mu) == pytest.approx(1e-5, rel=1e-4)
+        # Tighter than the RDP bound for the same mechanism: eps <= min_a a mu^2/2 + log(1/d)/(a-1).
+        rdp = min(a * mu * mu / 2 + np.log(1e5) / (a - 1) for a in np.linspace(1.01, 2000, 20000))
+        assert eps <= rdp + 1e-9
+    # Composition: T identical releases are one release with mu * sqrt(T).
+    mech = LocalPrivacy(clip=1.0, noise_multiplier=30.0, delta=1e-5)
+    for _ in range(4):
+        _, account = mech.apply(np.zeros((25, 10)))
+    assert account["epsilon_total"] == pytest.approx(epsilon_for(1e-5, release_mu(30.0, 25) * 2))
+    assert release_mu(30.0, 25) == pytest.approx(2 * 5 / 30)
+
+
+def test_privacy_settings_are_checked_and_reported():
+    assert privacy_report(FederationConfig(proxy_size=100)) is None
+    with pytest.raises(ConfigError, match="share_class_counts"):
+        FederationConfig(ldp_noise_multiplier=1.0)
+    config = FederationConfig(ldp_noise_multiplier=4.0, share_class_counts=False, rounds=5,
+                              proxy_size=400, proxy_per_round=100)
+    report = privacy_report(config)
+    assert report["rows_per_release"] == 100 and report["releases"] == 5
+    assert report["epsilon_total"] == pytest.approx(epsilon_for(1e-5, 2 * 10 / 4 * 5 ** 0.5))
+    assert report["epsilon_total"] > report["epsilon_per_round"] > 0
+
+
+def test_device_refuses_a_server_config_weaker_than_its_kit():
+    from fededge.runner import ConfigGuard
+
+    hub = MemoryHub()
+    floor = FederationConfig(federation="demo", ldp_noise_multiplier=2.0,
+                             share_class_counts=False, proxy_size=100)
+    guard = ConfigGuard(hub.connect("dev"), "demo", floor)
+    seen = []
+    guard.subscribe(proto.Topics("demo").config, lambda t, p: seen.append(p))
+    server = hub.connect("server")
+
+    def publish(config: FederationConfig) -> None:
+        server.publish(proto.Topics("demo").config, proto.encode(
+            proto.Message(proto.KIND_CONFIG, proto.SERVER_ID, 0, config.to_dict())), retain=True)
+    publish(floor.replace(ldp_noise_multiplier=4.0))
+    assert len(seen) == 1 and guard.refusal is None
+    publish(floor.replace(ldp_noise_multiplier=0.0, share_class_counts=True))
+    publish(floor.replace(rounds=floor.rounds * 2))
+    assert len(seen) == 1 and "refusing" in guard.refusal
+
+
+def test_fedmd_reply_noises_logits_on_the_device():
+    from fededge.strategy import ClientContext, FedMDClient, FedMDServer
+
+    class Fixed:
+        def logits(self, rows):
+            return np.full((len(rows), 10), 3.0, dtype=np.float32)
+    config = FederationConfig(ldp_noise_multiplier=1.0, share_class_counts=False, proxy_size=20)
+    ctx = ClientContext(Fixed(), np.zeros((5, 2)), np.zeros(5, dtype=np.int64), np.zeros((20, 2)))
+    client = FedMDClient(config)
+    reply = client.reply(ctx, FedMDServer(config).configure(1))
+    assert "class_counts" not in reply.tensors
+    uploaded = client.codec.decode(reply.tensors)
+    assert uploaded.shape == (20, 10) and not np.allclose(uploaded, 3.0, atol=0.1)
+    assert reply.info["ldp"]["releases"] == 1 and reply.info["ldp"]["epsilon_total"] > 0
+
+
+# ----------------------------------------------------------------------------- the broker
+
+class _Processes:
+    """Subprocesses started by a test, each in its own session so a whole tree can be ended."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: str, log: Path) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        proc = subprocess.Popen([sys.executable, "-m", "fededge.cli", *args], cwd=REPO, env=env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+TINY = "\n".join(["rounds = 2", "warmup_epochs = 2", "distill_epochs = 1", "revisit_epochs = 1",
+                  "proxy_per_round = 100", "deadline_s = 60.0"])
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """Kits for a 3-device federation with local DP, and their Mosquitto, running."""
+    if not _has_mosquitto():
+        pytest.skip("mosquitto not installed (make test installs it)")
+    tmp = tmp_path_factory.mktemp("secured")
+    port = free_port()
+    kits = tmp / "kits"
+    provision(_federation_file(tmp, port=port, settings=TINY,
+                               privacy="noise_multiplier = 0.5\nclip = 10.0"), kits)
+    procs = _Processes()
+    try:
+        procs.start("broker", "--kit", str(kits / "broker"), log=tmp / "broker.log")
+        assert wait_for_port("127.0.0.1", port, 20), (tmp / "broker.log").read_text()
+        yield kits, port, procs, tmp
+    finally:
+        procs.stop_all()
+
+
+def _connect(kits: Path, port: int, party: str, *, username: str | None = "",
+             password: str | None = None, cert_dir: Path | None = None,
+             timeout: float = 10.0) -> MqttTransport:
+    kit, certs = kits / party, cert_dir or kits / party
+    tls = TlsConfig(str(kits / party / "ca.crt"), str(certs / "client.crt"),
+                    str(certs / "client.key"))
+    user = party if username == "" else username
+    secret = (kit / "password").read_text().strip() if password is None else password
+    return MqttTransport(party, "127.0.0.1", port, username=user,
+                         password=secret if user is not None else None, tls=tls).connect(timeout)
+
+
+@pytest.mark.mosquitto
+def test_anonymous_and_wrong_password_are_refused(secured):
+    kits, port, _, _ = secured
+    with pytest.raises(TransportError, match="refused"):
+        _connect(kits, port, "pi5-kitchen", username=None)
+    with pytest.raises(TransportError, match="refused"):
+        _connect(kits, port, "pi5-kitchen", password="not-the-password")
+    _connect(kits, port, "pi5-kitchen").close()  # the control: right credentials get in
+
+
+@pytest.mark.mosquitto
+def test_a_certificate_from_another_ca_is_refused(secured, tmp_path):
+    kits, port, _, _ = secured
+    rogue = pki.issue(pki.create_ca("rogue"), "pi5-kitchen")
+    rogue.save(tmp_path / "client.crt", tmp_path / "client.key")
+    with pytest.raises(TransportError):
+        _connect(kits, port, "pi5-kitchen", cert_dir=tmp_path, timeout=3)
+
+
+def _collect(transport: MqttTransport, topic_filter: str) -> list[str]:
+    got: list[str] = []
+    transport.subscribe(topic_filter, lambda topic, payload: got.append(topic))
+    return got
+
+
+@pytest.mark.mosquitto
+def test_a_device_cannot_write_or_read_another_devices_uploads(secured):
+    kits, port, _, _ = secured
+    topics = proto.Topics("demo")
+    server = _connect(kits, port, "server")
+    mallory = _connect(kits, port, "pi5-kitchen")
+    victim = _connect(kits, port, "gateway-1")
+    try:
+        at_server = _collect(server, topics.all_up)
+        snooped = _collect(mallory, topics.up("gateway-1"))
+        snooped_all = _collect(mallory, topics.all_up)
+        time.sleep(0.5)  # subscriptions acknowledged
+        forged = proto.encode(proto.Message(proto.KIND_METRICS, "gateway-1", 1, {}))
+        mallory.publish(topics.up("gateway-1"), forged)
+        mallory.publish(topics.up("pi5-kitchen"), proto.encode(
+            proto.Message(proto.KIND_METRICS, "pi5-kitchen", 1, {})))  # its own: allowed
+        victim.publish(topics.up("gateway-1"), forged)
+        deadline = time.monotonic() + 5
+        while len(at_server) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert sorted(at_server) == [topics.up("gateway-1"), topics.up("pi5-kitchen")]
+        assert snooped == [] and snooped_all == []
+    finally:
+        for t in (server, mallory, victim):
+            t.close()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_full_federation_from_kits_over_tls(secured):
+    """Server and three devices as separate `fededge` processes, TLS + passwords + ACL."""
+    kits, port, procs, tmp = secured
+    started = time.monotonic()
+    server = procs.start("server", "--kit", str(kits / "server"), "--join-timeout", "120",
+                         log=tmp / "server.log")
+    clients = {d: procs.start("client", "--kit", str(kits / d), "--threads", "1",
+                              log=tmp / f"{d}.log") for d in DEVICES}
+    for proc in (server, *clients.values()):
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            pass
+    logs = {name: (tmp / f"{name}.log").read_text() for name in ("server", *DEVICES)}
+    assert server.returncode == 0, logs
+    assert "federation done: 2 rounds, 6 uploads accepted, 0 rejected" in logs["server"]
+    for device, proc in clients.items():
+        assert proc.returncode == 0, logs[device]
+        assert re.search(r"final accuracy \d+\.\d%", logs[device]), logs[device]
+        assert "local differential privacy: ε =" in logs[device]
+        assert (kits / device / "state" / "student.safetensors").is_file()
+    print(f"full federation from kits: {time.monotonic() - started:.1f} s")
+
+
+def test_broker_without_mosquitto_names_the_debian_package(tmp_path, monkeypatch):
+    import fededge.broker as broker
+
+    provision(_federation_file(tmp_path), tmp_path / "kits")
+    monkeypatch.setattr(broker.shutil, "which", lambda name: None)
+    monkeypatch.setattr(broker, "Path", lambda p: Path("/nonexistent") / Path(p).name)
+    result = CliRunner().invoke(app, ["broker", "--kit", str(tmp_path / "kits" / "broker")])
+    assert result.exit_code == 2
+    assert "apt-get install -y mosquitto" in result.output and result.output.startswith("error:")
+
+
+@pytest.mark.mosquitto
+def test_site_bridge_carries_the_protocol(tmp_path):
+    """broker/bridge/site.conf's bridge between two real Mosquittos: retained federation topics
+    reach a device at the site, its upload reaches the server at the centre, ACLs hold."""
+    if not _has_mosquitto():
+        pytest.skip("mosquitto not installed (make test installs it)")
+    centre_port = free_port()
+    kits = tmp_path / "kits"
+    provision(_federation_file(tmp_path, port=centre_port), kits)
+    ca = pki.Identity.load(kits / "ca" / "ca.crt", kits / "ca" / "ca.key")
+    site = tmp_path / "site"
+    shutil.copytree(kits / "broker", site)
+    pki.issue(ca, "bridge-site-a").save(site / "bridge.crt", site / "bridge.key")
+    bridge = (REPO / "broker" / "bridge" / "site.conf").read_text()
+    bridge = bridge[bridge.index("connection "):].replace(
+        "central.example.org:8883", f"127.0.0.1:{centre_port}").replace(
+        "CHANGE-ME", "bridge-secret").replace("/etc/fededge/site-a/", "").replace(
+        "/etc/fededge/broker/", "")
+    conf = (site / "mosquitto.conf").read_text().replace("user mosquitto", "user root")
+    with open(kits / "broker" / "passwd", "a") as fh:
+        fh.write(f"bridge-site-a:{mq.hash_password('bridge-secret')}\n")
+    with open(kits / "broker" / "acl", "a") as fh:
+        fh.write((REPO / "broker" / "bridge" / "centre-acl-addition.acl").read_text())
+    procs = _Processes()
+    try:
+        procs.start("broker", "--kit", str(kits / "broker"), log=tmp_path / "centre.log")
+        assert wait_for_port("127.0.0.1", centre_port, 20), (tmp_path / "centre.log").read_text()
+        topics = proto.Topics("demo")
+        server = _connect(kits, centre_port, "server")
+        at_server = _collect(server, topics.all_up)
+        server.publish(topics.config, b"config-v1", retain=True)
+        server.flush()
+        site_port = free_port()  # only now: a free port can be reused by outgoing connections
+        (site / "mosquitto.conf").write_text(
+            conf.replace(f"listener {centre_port} ", f"listener {site_port} ") + "\n" + bridge)
+        site_proc = subprocess.Popen([mosquitto_binary(), "-c", "mosquitto.conf"], cwd=site,
+                                     stdout=open(tmp_path / "site.log", "w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        procs.procs.append(site_proc)
+        assert wait_for_port("127.0.0.1", site_port, 20), (tmp_path / "site.log").read_text()
+        time.sleep(1.5)  # the bridge connects and subscribes
+        device = _connect(kits, site_port, "pi5-kitchen")
+        config = _collect(device, topics.config)
+        device.publish(topics.up("pi5-kitchen"), b"mine")
+        device.publish(topics.up("gateway-1"), b"forged")  # denied by the site's ACL
+        deadline = time.monotonic() + 10
+        while (not config or not at_server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert config == [topics.config]  # retained, carried in by the bridge
+        assert at_server == [topics.up("pi5-kitchen")]
+        for t in (server, device):
+            t.close()
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.mosquitto
+def test_revocation_reaches_a_running_broker_on_sighup(tmp_path):
+    if not _has_mosquitto():
+        pytest.skip("mosquitto not installed (make test installs it)")
+    port = free_port()
+    federation, kits = _federation_file(tmp_path, port=port), tmp_path / "kits"
+    provision(federation, kits)
+    procs = _Processes()
+    try:
+        broker = procs.start("broker", "--kit", str(kits / "broker"), log=tmp_path / "b.log")
+        assert wait_for_port("127.0.0.1", port, 20), (tmp_path / "b.log").read_text()
+        saved = tmp_path / "jetson-lab"
+        shutil.copytree(kits / "jetson-lab", saved)  # what the device still holds
+        _connect(kits, port, "jetson-lab").close()
+        provision(federation, kits, revoke=["jetson-lab"])
+        os.kill(broker.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        with pytest.raises(TransportError, match="refused"):
+            _connect(tmp_path, port, "jetson-lab")
+        _connect(kits, port, "pi5-kitchen").close()
+        assert broker.poll() is None
+    finally:
+        procs.stop_all()
+
+
+def test_a_dataset_file_ships_in_every_kit_and_devices_bring_their_own_data(tmp_path):
+    from fededge.data import load_dataset
+    from fededge.runner import _local_data, private_data
+
+    digits = load_dataset("digits")
+    np.savez(tmp_path / "public.npz", X=digits.X[:600], y=digits.y[:600],
+             X_public=digits.X[600:900])
+    text = _federation_file(tmp_path).read_text().replace('source = "digits"',
+                                                          'source = "public.npz"')
+    text = text.replace('id = "gateway-1"', 'id = "gateway-1"\ndata = "/data/own.npz"')
+    (tmp_path / "federation.toml").write_text(text)
+    kits = tmp_path / "kits"
+    provision(tmp_path / "federation.toml", kits)
+    gateway, pi = load_kit(kits / "gateway-1"), load_kit(kits / "pi5-kitchen")
+    shipped = (kits / "gateway-1" / "dataset.npz").read_bytes()
+    assert shipped == (tmp_path / "public.npz").read_bytes()
+    assert gateway.data == "/data/own.npz" and gateway.shard is None
+    assert pi.dataset.shards == 2 and {pi.shard, load_kit(kits / "jetson-lab").shard} == {0, 1}
+    local, split, _ = _local_data(pi, None)
+    assert split.proxy_sha256 == pi.dataset.proxy_sha256 and len(split.public_X) == 300
+    # A device's own data may lack classes; only the label range is checked.
+    own = tmp_path / "own.npz"
+    np.savez(own, X=digits.X[:40], y=np.where(digits.y[:40] < 5, 3, 7))
+    X, y = private_data(own, split)
+    assert X.shape == (40, 1, 8, 8) and set(y.tolist()) == {3, 7}
+    local, _, _ = _local_data(gateway, own)
+    assert len(local.private_y) == 40
+    np.savez(own, X=digits.X[:40], y=np.full(40, 12))
+    with pytest.raises(ValueError, match="labels must be integers 0..9"):
+        private_data(own, split)

@@ -1,0 +1,308 @@
+"""Persistence, resume, re-sends, quorum retries and stragglers, driven in-process (MemoryHub)
+except the `fededge simulate` kill -9 test, which runs the real command twice."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from fededge import protocol as proto
+from fededge.client import load_trainer_state, save_trainer_state
+from fededge.models import build_student
+from fededge.server import FederationError, FederationServer, ServerEvents
+from fededge.simulate import SimulationOptions, plan_participants, slowdown
+from fededge.store import Store, StoreError
+from fededge.strategy import FedMDServer
+from fededge.trainer import Trainer
+from fededge.transport import MemoryHub, Transport
+
+from helpers import make_client, small_config, small_split
+
+N = 3
+
+
+@pytest.fixture(scope="module")
+def split():
+    return small_split(N)
+
+
+class Crash(BaseException):
+    """Stands in for kill -9: escapes every handler and leaves the store as it was."""
+
+
+class FaultyTransport(Transport):
+    """Wraps a device's transport to drop its first upload or send every upload twice."""
+
+    def __init__(self, inner: Transport, *, drop_first: bool = False, duplicate: bool = False):
+        super().__init__()
+        self.inner, self.stats = inner, inner.stats
+        self.drop_first, self.duplicate = drop_first, duplicate
+        self.uploads: list[tuple[str, bytes]] = []
+
+    def publish(self, topic, payload, *, retain=False):
+        if "/up/" in topic and proto.decode(payload).kind == proto.KIND_UPLOAD:
+            self.uploads.append((topic, payload))
+            if self.drop_first and len(self.uploads) == 1:
+                return
+            if self.duplicate:
+                self.inner.publish(topic, payload, retain=retain)
+        self.inner.publish(topic, payload, retain=retain)
+
+    def subscribe(self, topic_filter, handler):
+        self.inner.subscribe(topic_filter, handler)
+
+    def close(self):
+        self.inner.close()
+
+
+def _will(config, device):
+    return proto.Topics(config.federation).presence(device), proto.encode(
+        proto.presence(device, "offline"))
+
+
+def _clients(hub, split, config, tmp_path, wrap=lambda i, t: t):
+    return [make_client(wrap(i, hub.connect(f"dev{i}", will=_will(config, f"dev{i}"))), split, i,
+                        checkpoint_dir=tmp_path / f"dev{i}").start() for i in range(N)]
+
+
+def _server(hub, config, store=None, **kw):
+    return FederationServer(hub.connect("server"), config, FedMDServer(config),
+                            expected_clients=N, store=store, **kw)
+
+
+def _finish(clients):
+    for c in clients:
+        assert c.wait(30), f"{c.identity.device_id} did not finish"
+        assert c.error is None, c.error
+
+
+def _consensus_logits(store, rounds):
+    return [proto.decode(store.consensus(r)).tensors["logits"].tobytes() for r in rounds]
+
+
+def _closed_attempts(store):
+    return store._db.execute("SELECT round, attempt, status FROM rounds ORDER BY round, attempt"
+                             ).fetchall()
+
+
+def test_trainer_state_round_trips_through_safetensors(split, tmp_path):
+    data = split.clients[0]
+    a = make_client(MemoryHub().connect("x"), split, 0).trainer
+    a.fit(data.X, data.y, epochs=2)
+    save_trainer_state(a, tmp_path / "state.safetensors", {"round": 4})
+    state, meta = load_trainer_state(tmp_path / "state.safetensors")
+    torch.manual_seed(99)  # another initialisation and shuffling seed, overwritten by the state
+    b = Trainer(build_student("cnn-xs", split.input_shape, split.num_classes), seed=99)
+    b.load_state_dict(state)
+    assert meta == {"round": 4}
+    a.fit(data.X, data.y, epochs=1)   # continuing both must give identical weights: same
+    b.fit(data.X, data.y, epochs=1)   # Adam moments, same shuffling RNG
+    for (name, wa), wb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(wa, wb), name
+
+
+def test_store_adopts_its_run_and_refuses_other_settings(split, tmp_path):
+    config = small_config(split)
+    store = Store(tmp_path)
+    assert store.begin(config, {"clients": 3}) == (config, False)
+    store.close()
+    again = Store(tmp_path)
+    adopted, resumed = again.begin(config.replace(run_id="another"), {"clients": 3})
+    assert resumed and adopted.run_id == config.run_id, "a restart must keep the run id"
+    with pytest.raises(StoreError, match="other settings.*rounds 3 ≠ 5"):
+        again.begin(config.replace(rounds=5), {"clients": 3})
+    with pytest.raises(StoreError, match="clients 3 ≠ 4"):
+        again.begin(config, {"clients": 4})
+
+
+def test_a_tampered_consensus_file_is_refused(split, tmp_path):
+    store = Store(tmp_path)
+    store.begin(small_config(split), {})
+    store.open_attempt(1, 1, ["dev0"])
+    store.save_round(1, 1, ["dev0"], b"consensus bytes")
+    assert store.consensus(1) == b"consensus bytes"
+    (tmp_path / "consensus" / "round-0001.safetensors").write_bytes(b"consensus byteZ")
+    with pytest.raises(StoreError, match="missing or altered"):
+        store.consensus(1)
+
+
+def test_server_killed_mid_round_resumes_it_and_matches_an_uninterrupted_run(split, tmp_path):
+    reference_store = Store(tmp_path / "reference")
+    hub = MemoryHub()
+    clients = _clients(hub, split, small_config(split), tmp_path / "ref-clients")
+    _server(hub, small_config(split), reference_store).run()
+    _finish(clients)
+
+    config = small_config(split)
+    hub = MemoryHub()
+    first = Store(tmp_path / "state")
+    record = first.record
+
+    def crash_after_first_round2_upload(topic, payload, status, **kw):
+        record(topic, payload, status, **kw)
+        if status == "accepted" and kw.get("kind") == "upload" and kw.get("rnd") == 2:
+            raise Crash
+    first.record = crash_after_first_round2_upload
+    clients = _clients(hub, split, config, tmp_path / "clients")
+    server = _server(hub, config, first)
+    with pytest.raises(Crash):
+        server.run()
+    server.transport.close()
+    first.close()
+
+    store = Store(tmp_path / "state")   # a new process would open it afresh
+    resumed = _server(hub, config.replace(run_id="fresh-id"), store)
+    assert resumed.config.run_id == config.run_id and resumed.resumed_from_round == 2
+    history = resumed.run()
+    _finish(clients)
+    assert [r.round for r in history] == [1, 2, 3]
+    assert all(r.accepted == ["dev0", "dev1", "dev2"] for r in history)
+    assert _closed_attempts(store) == [(1, 1, "closed"), (2, 1, "closed"), (3, 1, "closed")]
+    assert store.count("accepted", "upload") == 9, "an upload was accepted twice or lost"
+    assert _consensus_logits(store, [1, 2, 3]) == _consensus_logits(reference_store, [1, 2, 3])
+
+
+def test_lost_duplicate_and_late_uploads(split, tmp_path):
+    """dev1's first upload is lost on the way: the server names it in `waiting_for` and dev1
+    re-sends; dev2 sends everything twice; dev0's round-1 upload comes again after round 1
+    closed. Nothing is counted twice, nothing waits for the deadline."""
+    config = small_config(split, rounds=2, deadline_s=60, resend_s=0.5)
+    hub = MemoryHub()
+    wrapped = {}
+
+    def wrap(i, transport):
+        wrapped[i] = FaultyTransport(transport, drop_first=i == 1, duplicate=i == 2)
+        return wrapped[i]
+    clients = _clients(hub, split, config, tmp_path, wrap)
+
+    def replay_late(record):
+        if record.round == 1:
+            wrapped[0].inner.publish(*wrapped[0].uploads[0])
+    server = _server(hub, config, events=ServerEvents(on_round_closed=replay_late))
+    history = server.run()
+    _finish(clients)
+    assert all(r.accepted == ["dev0", "dev1", "dev2"] and r.attempts == 1 for r in history)
+    assert history[0].seconds < 10, "the lost upload was only recovered at the deadline"
+    assert server.accepted_uploads == 6
+    # dev2's second copies arrive while the round is open (duplicate) or just after it closed
+    # (late); dev0's replay is late. Either way they are recorded, not used, not rejected.
+    ignored = server.store.count("duplicate", "upload") + server.store.count("late", "upload")
+    assert ignored >= 3 and server.store.count("late", "upload") >= 1
+    assert not server.rejections
+
+
+def _die_after_round_1(client, then=lambda: None):
+    """Make ``client`` crash (Last Will, no goodbye) right after absorbing round 1."""
+    original = client._on_consensus
+
+    def die(msg):
+        original(msg)
+        client.transport.abort()   # the hub publishes the device's Last Will
+        client.finished.set()
+        then()
+    client._on_consensus = die
+
+
+def test_a_round_without_quorum_is_retried_never_faked(split, tmp_path):
+    """quorum 1.0: dev2 dies after round 1, so round 2's first attempt fails at its deadline;
+    dev2 restarts from its checkpoint and round 2 closes in the second attempt with all three."""
+    config = small_config(split, rounds=2, quorum=1.0, deadline_s=5.0, resend_s=0.5,
+                          warmup_epochs=3)
+    hub = MemoryHub()
+    clients = _clients(hub, split, config, tmp_path)
+    store = Store(tmp_path / "state")
+    revived = []
+
+    def restart_when_attempt_2_opens():
+        watcher = Store(tmp_path / "state", readonly=True)
+        while watcher.last_attempt(2) != (2, "open"):
+            time.sleep(0.05)
+        watcher.close()
+        transport = hub.connect("dev2", will=_will(config, "dev2"))
+        revived.append(make_client(transport, split, 2, checkpoint_dir=tmp_path / "dev2").start())
+    _die_after_round_1(clients[2], threading.Thread(target=restart_when_attempt_2_opens).start)
+    server = _server(hub, config, store)
+    history = server.run()
+    _finish(clients[:2] + revived)
+    assert revived[0].resumed_from == 1, "the restarted client did not resume its checkpoint"
+    assert [(r.round, r.attempts, r.accepted) for r in history] == [
+        (1, 1, ["dev0", "dev1", "dev2"]), (2, 2, ["dev0", "dev1", "dev2"])]
+    assert _closed_attempts(store) == [(1, 1, "closed"), (2, 1, "failed"), (2, 2, "closed")]
+
+
+def test_no_quorum_in_any_attempt_stops_the_federation(split, tmp_path):
+    config = small_config(split, rounds=2, quorum=0.6, deadline_s=1.5, max_attempts=2,
+                          warmup_epochs=3)
+    hub = MemoryHub()
+    clients = _clients(hub, split, config, tmp_path)
+    for victim in clients[1:]:
+        _die_after_round_1(victim)
+    server = _server(hub, config)
+    with pytest.raises(FederationError, match=r"round 2 reached no quorum in 2 attempts \(1 of 2"):
+        server.run()
+    assert [r.round for r in server.history] == [1]
+    assert server.store.last_attempt(2) == (2, "failed")
+    clients[0].stop()
+
+
+def test_stragglers_sleep_by_their_relative_compute(split):
+    opts = SimulationOptions(clients=3, profiles=["pi-zero-2w", "pi-5-8gb", "x86-gateway"])
+    people = plan_participants(opts, split)
+    factors = [slowdown(people, i, 0.5) for i in range(3)]
+    ratio = people[2].profile.relative_compute / people[0].profile.relative_compute
+    assert factors[2] == 0 and factors[0] == pytest.approx(0.5 * (ratio - 1))
+    client = make_client(MemoryHub().connect("dev0"), split, 0)
+    client.slowdown = 2.0
+    started = time.monotonic()
+    client._timed(time.sleep, 0.05)
+    assert time.monotonic() - started >= 0.15
+    (lo, hi), = client._intervals
+    assert hi - lo >= 0.15, "the simulated slow compute must count as compute"
+
+
+def _simulate(out, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "fededge.cli", "simulate", "--clients", "3", "--rounds", "3",
+         "--profiles", "pi-zero-2w,pi-4-4gb,pi-5-8gb", "--seed", "1", "--no-baselines",
+         "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_simulate_killed_with_sigkill_resumes_in_the_same_out_dir(tmp_path):
+    out = tmp_path / "run"
+    proc = _simulate(out)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if Store.exists(out):
+            store = Store(out, readonly=True)
+            try:
+                closed = len(store.closed_rounds())
+            except Exception:  # schema being created
+                closed = 0
+            store.close()
+            if closed >= 1:
+                break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = len(Store(out, readonly=True).closed_rounds())
+
+    again = _simulate(out)
+    output = again.communicate(timeout=240)[0].decode()
+    assert again.returncode == 0, output[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_round"] == killed_after + 1 >= 2
+    store = Store(out, readonly=True)
+    assert _closed_attempts(store) == [(r, 1, "closed") for r in range(1, 4)], \
+        "a completed round was redone or lost"
+    assert summary["uploads_accepted"] == 9 and summary["rejected"] == {}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for c in summary["clients"]:
+        meta = json.loads((out / "clients" / c["id"] / "student.json").read_text())
+        assert meta["round"] == 3 and c["accuracy"] > 0.5

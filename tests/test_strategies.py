@@ -1,0 +1,121 @@
+"""fedavg, fedavg-kd and compressed fedmd through the in-memory transport (same code as MQTT)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fededge import protocol as proto
+from fededge.aggregate import AggregationError
+from fededge.config import ConfigError
+from fededge.models import build_student, estimate_cost
+from fededge.server import FederationServer
+from fededge.strategy import (ClientContext, FedAvgClient, FedAvgKDServer, FedAvgServer, Payload,
+                              Reply, UnknownStrategyError, strategy_pair)
+from fededge.trainer import Trainer
+from fededge.transport import MemoryHub
+from fededge.weights import flat_weights
+
+from helpers import make_client, small_config, small_split
+
+
+@pytest.fixture(scope="module")
+def split():
+    return small_split(3)
+
+
+def _reply(device: str, samples: int, weights: np.ndarray) -> Reply:
+    return Reply(device, samples, Payload(tensors={"weights": weights}))
+
+
+def _federate(split, config, students, hub=None):
+    """Run a whole federation over a MemoryHub; returns the server, clients and consensus
+    infos seen on the wire."""
+    hub = hub or MemoryHub()
+    seen = []
+    watcher = hub.connect("watcher")
+    watcher.subscribe(proto.Topics(config.federation).consensus,
+                      lambda t, p: seen.append(proto.decode(p).info))
+    server = FederationServer(hub.connect("server"), config,
+                              strategy_pair(config.strategy)[0](config),
+                              expected_clients=len(students))
+    clients = [make_client(hub.connect(f"dev{i}"), split, i, student=s).start()
+               for i, s in enumerate(students)]
+    server.run()
+    for c in clients:
+        assert c.wait(30) and c.error is None, c.error
+    return server, clients, seen
+
+
+def test_fedavg_consensus_is_the_sample_weighted_mean(split):
+    config = small_config(split, strategy="fedavg", student="cnn-xs")
+    server = FedAvgServer(config)
+    size = estimate_cost("cnn-xs", split.input_shape, split.num_classes).params
+    assert server.reply_specs(server.configure(1)) == [proto.TensorSpec("weights", ("F32",),
+                                                                        (size,))]
+    ones, fours = np.full(size, 1.0, np.float32), np.full(size, 4.0, np.float32)
+    consensus = server.aggregate(1, server.configure(1), [_reply("a", 1, ones),
+                                                          _reply("b", 3, fours)])
+    np.testing.assert_allclose(consensus.tensors["weights"], 3.25)  # (1·1 + 3·4) / 4
+    assert consensus.info == {"phase": "weights", "contributors": 2}
+
+
+def test_fedavg_federation_ends_with_every_device_on_the_average(split):
+    config = small_config(split, strategy="fedavg", student="cnn-xs", rounds=2, local_epochs=2)
+    server, clients, seen = _federate(split, config, ["cnn-xs"] * 3)
+    assert [info["phase"] for info in seen] == ["weights", "weights"]
+    assert all(r.accepted == ["dev0", "dev1", "dev2"] for r in server.history)
+    assert not server.rejections
+    final = [flat_weights(c.trainer.model) for c in clients]
+    assert all(np.array_equal(final[0], w) for w in final[1:])
+    accuracy = [c.history[-1]["accuracy"] for c in clients]
+    assert accuracy[0] == accuracy[1] == accuracy[2] > 0.5  # one model, learned something
+
+
+def test_fedavg_refuses_a_device_on_another_architecture(split):
+    config = small_config(split, strategy="fedavg", student="cnn-xs")
+    torch.manual_seed(0)
+    trainer = Trainer(build_student("cnn-s", split.input_shape, split.num_classes))
+    data = split.clients[0]
+    with pytest.raises(ConfigError, match="not the federation's student 'cnn-xs'"):
+        FedAvgClient(config).warmup(ClientContext(trainer, data.X, data.y, split.public_X))
+
+
+def test_fedavg_without_a_student_is_a_clear_error(split):
+    with pytest.raises(ConfigError, match="needs the federation setting 'student'"):
+        FedAvgServer(small_config(split, strategy="fedavg"))
+
+
+def test_fedavg_kd_teaches_the_capable_and_distills_into_everyone(split):
+    # Teacher cnn-s: dev1 (cnn-s) and dev2 (cnn-m) can train it, dev0 (cnn-xs) abstains.
+    config = small_config(split, strategy="fedavg-kd", teacher="cnn-s", rounds=2,
+                          warmup_epochs=3, local_epochs=2, kd_epochs=3, finetune_epochs=1)
+    server, clients, seen = _federate(split, config, ["cnn-xs", "cnn-s", "cnn-m"])
+    assert [(i["phase"], i["contributors"]) for i in seen] == [("teacher", 2), ("distill", 2)]
+    assert all(r.accepted == ["dev0", "dev1", "dev2"] for r in server.history)
+    assert not server.rejections
+    for c in clients:
+        assert c.state.strategy.teacher is None  # dropped after distilling
+        assert c.history[-1]["round"] == 2 and c.history[-1]["accuracy"] > 0.3
+
+
+def test_fedavg_kd_checks_teacher_weights_and_needs_a_contributor(split):
+    config = small_config(split, strategy="fedavg-kd", teacher="cnn-s")
+    server = FedAvgKDServer(config)
+    server.check(_reply("a", 5, np.zeros(0, np.float32)))  # abstaining is fine
+    with pytest.raises(proto.ProtocolError, match="expected 9050"):
+        server.check(_reply("a", 5, np.zeros(17, np.float32)))
+    with pytest.raises(AggregationError, match="every upload abstained"):
+        server.aggregate(1, server.configure(1), [_reply("a", 5, np.zeros(0, np.float32))])
+
+
+@pytest.mark.parametrize("codec", ["int8", "topk"])
+def test_fedmd_with_a_compressed_codec_runs_and_validates(split, codec):
+    config = small_config(split, rounds=1, logit_codec=codec, warmup_epochs=3)
+    server, clients, seen = _federate(split, config, ["cnn-xs", "cnn-s", "cnn-xs"])
+    assert server.history[0].accepted == ["dev0", "dev1", "dev2"] and not server.rejections
+    assert seen[0]["phase"] == "logits"
+
+
+def test_unknown_strategy_lists_the_valid_ones():
+    with pytest.raises(UnknownStrategyError, match="choose one of: fedmd, fedavg, fedavg-kd"):
+        strategy_pair("fedprox")
