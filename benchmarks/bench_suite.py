@@ -9,8 +9,8 @@ in a fresh Python process, so peak memory is that run's and nothing leaks betwee
 result is appended to ``--results`` (JSON lines) as it finishes: an interrupted suite resumes
 where it stopped, and ``--report`` regenerates the markdown and plots from it alone.
 
-    make bench                                    # the full grid: many hours on 2 cores
-    .venv/bin/python benchmarks/bench_suite.py --quick      # CI smoke: ~2 minutes
+    make bench                                    # the full grid: ~4 hours on an idle 2-core machine
+    .venv/bin/python benchmarks/bench_suite.py --quick      # CI smoke: ~2 minutes idle
     .venv/bin/python benchmarks/bench_suite.py --datasets digits --alphas 0.5 --seeds 0 \\
         --methods fedmd/era fedavg fedavg-kd --scale 10 50 100
 """
@@ -158,6 +158,7 @@ def main() -> None:
         cells = grid(["digits"], ["0.5"], [0], 3, ["fedmd/era", "fedavg/cnn-xs", "fedavg/cnn-l",
                                                    "fedavg-kd"], baselines=False)
         args.results = args.results.with_name("suite_quick.jsonl")
+        args.results.unlink(missing_ok=True)  # a smoke test measures afresh every time
     else:
         cells = grid(args.datasets, args.alphas, args.seeds, args.rounds, args.methods,
                      baselines=True) + scale_cells(args.scale or [], args.scale_rounds)

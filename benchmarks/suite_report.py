@@ -67,7 +67,8 @@ class _Group:
         rounds = "—" if self.rounds is None else f"{self.rounds:.1f}"
         if self.rounds is not None and self.missed:
             rounds += f" ({self.missed} of {len(self.records)} seeds never)"
-        return (f"| {label} | {', '.join(self.students)} | {_pct(self.accuracy, self.spread)} | "
+        return (f"| {label} | {', '.join(self.students)} | {len(self.records)} | "
+                f"{_pct(self.accuracy, self.spread)} | "
                 f"{rounds} | {_kib(self.bytes_per_round)} | {_kib(self.bytes_to_target)} | "
                 f"{self.seconds:.2f} | {_pct(self.outside)} |")
 
@@ -89,15 +90,15 @@ def _baselines(groups: dict[str, _Group]) -> list[str]:
     for label, key in (("local-only", "local_only"), ("centralized", "centralized")):
         accs = [r[key] for r in era.records]
         spread = statistics.stdev(accs) if len(accs) > 1 else None
-        rows.append(f"| {label} | {', '.join(era.students)} | "
+        rows.append(f"| {label} | {', '.join(era.students)} | {len(accs)} | "
                     f"{_pct(statistics.fmean(accs), spread)} | | | | | |")
     return rows
 
 
 def _headline(dataset: str, groups: dict[str, _Group]) -> list[str]:
-    """The issue's three bars, checked on one setting's numbers."""
+    """The issue's bars for fedmd (ERA, each codec) against FedAvg, and for the codecs."""
     zoo = zoo_for(SHAPES[dataset])
-    fedmd = {m: g for m, g in groups.items() if m.startswith("fedmd/")}
+    fedmd = {m: g for m, g in groups.items() if m.startswith("fedmd/era/")}
     if not fedmd:
         return []
     common = min(next(iter(fedmd.values())).students, key=zoo.index)
@@ -162,7 +163,7 @@ def _plot_setting(groups: dict[str, _Group], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (curves, scatter) = plt.subplots(1, 2, figsize=(13, 5))
-    for method, g in sorted(groups.items()):
+    for (method, g), color in zip(sorted(groups.items()), plt.cm.tab20.colors):
         r = g.records[0]
         spent, xs, ys = 0.0, [], []
         for point in r["curve"]:
@@ -171,8 +172,8 @@ def _plot_setting(groups: dict[str, _Group], title: str, path: Path) -> None:
                 xs.append(spent / 1024)
                 ys.append(100 * point["accuracy"])
         style = "-" if method.startswith("fedmd") else "--"
-        curves.plot(xs, ys, style, marker=".", label=method)
-        scatter.scatter(g.bytes_per_round / 1024, 100 * g.accuracy)
+        curves.plot(xs, ys, style, marker=".", label=method, color=color)
+        scatter.scatter(g.bytes_per_round / 1024, 100 * g.accuracy, color=color)
         scatter.annotate(method, (g.bytes_per_round / 1024, 100 * g.accuracy), fontsize=7,
                          xytext=(3, 3), textcoords="offset points")
     curves.set(xscale="log", xlabel="KiB per client, cumulative (log)",
@@ -227,13 +228,13 @@ def write_report(records: list[Record], out: Path, stem: str, target: float) -> 
     groups = _groups(records, target)
     for (dataset, alpha), methods in sorted(groups.items()):
         seeds = sorted({r["seed"] for g in methods.values() for r in g.records})
-        lines += [f"## {dataset}, α = {alpha}, seeds {', '.join(map(str, seeds))}", ""]
+        lines += [f"## {dataset}, α = {alpha} (seeds {', '.join(map(str, seeds))})", ""]
         headline = _headline(dataset, methods)
         if headline:
             lines += headline + [""]
-        lines += [f"| method | students | accuracy | rounds to {100 * target:.0f}% | KiB/client/"
-                  f"round | KiB/client to {100 * target:.0f}% | s/round | outside training |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| method | students | seeds | accuracy | rounds to {100 * target:.0f}% | "
+                  f"KiB/client/round | KiB/client to {100 * target:.0f}% | s/round | outside "
+                  "training |", "|---|---|---|---|---|---|---|---|---|"]
         lines += _baselines(methods)
         lines += [g.row(m) for m, g in sorted(methods.items())]
         plot = out / f"{stem}_{dataset}_{alpha}.png"

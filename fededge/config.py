@@ -55,6 +55,10 @@ class FederationConfig:
     # last consensus, the round naming who it still waits for) this often, so clients that
     # reconnected, restarted or lost a message catch up. 0: a quarter of deadline_s.
     resend_s: float = 0.0
+    # A device whose Last Will arrives is still waited for this long: a broker restart fires
+    # every device's Will although they are back seconds later. A crashed device delays a
+    # round's close by at most this much.
+    presence_grace_s: float = 5.0
     # How logits travel, uploads and consensus alike (compress.py): float16 (in logit_dtype),
     # int8 (1 byte per value, per-row scale) or topk (the logit_topk most likely classes' log-
     # probabilities per row; the others share the remaining mass).
@@ -96,6 +100,7 @@ class FederationConfig:
              "share_class_counts", "false when local differential privacy is on (the label "
              "histogram is not noised)"),
             (self.resend_s >= 0, "resend_s", "0 (a quarter of deadline_s) or positive seconds"),
+            (self.presence_grace_s >= 0, "presence_grace_s", "0 or positive seconds"),
             (self.logit_topk >= 1, "logit_topk", "at least 1"),
             (self.local_epochs >= 1, "local_epochs", "at least 1"),
             (0.0 <= self.kd_alpha <= 1.0, "kd_alpha", "in [0, 1]"),

@@ -184,12 +184,12 @@ class Fleet:
 
     # -- processes -----------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log_file = open(self.workdir / "logs" / f"{name}.log", "ab")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "fededge.node", *args, "--port",
-                                 str(self.port), "--clients", str(self.clients), *self.recipe],
-                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        log_file.close()
+        with open(self.workdir / "logs" / f"{name}.log", "ab") as log_file:  # the child keeps it
+            proc = subprocess.Popen([sys.executable, "-m", "fededge.node", *args, "--port",
+                                     str(self.port), "--clients", str(self.clients),
+                                     *self.recipe],
+                                    stdout=log_file, stderr=subprocess.STDOUT, env=env)
         self.procs[name] = proc
         return proc
 

@@ -17,6 +17,9 @@ Surviving failures:
 - A round closes when every live device answered and a quorum did, or at the deadline with a
   quorum; without quorum it is retried with a fresh deadline (uploads already accepted for the
   round are kept: the clients' students have not changed since), never faked.
+- Presence comes from retained presence messages and Last Wills. A Will is believed only after
+  ``presence_grace_s``, because a broker going down fires every device's Will although they
+  are back seconds later; a device's own goodbye counts at once.
 """
 
 from __future__ import annotations
@@ -129,7 +132,9 @@ class FederationServer:
         self.join_timeout = join_timeout
         self.events = events or ServerEvents()
         self.max_payload = max_payload
+        # Devices to wait for: online, or offline for less than presence_grace_s.
         self.live: dict[str, dict[str, Any]] = {}
+        self._offline_since: dict[str, float] = {}
         self.metrics = self.store.metrics()
         self.history = [RoundRecord(r.round, r.participants, r.accepted, r.attempts, r.seconds)
                         for r in self.store.closed_rounds()]
@@ -158,7 +163,10 @@ class FederationServer:
         """Handle inbound messages until ``done()`` or the deadline; True if done. While it
         waits it re-publishes the retained state every ``resend_s`` (see the module doc)."""
         next_refresh = time.monotonic() + self._resend_s
-        while not done():
+        while True:
+            self._expire_offline()
+            if done():
+                return True
             now = time.monotonic()
             if now >= deadline:
                 return self._drain(done)
@@ -171,7 +179,6 @@ class FederationServer:
             except queue.Empty:
                 continue
             self._handle(topic, payload)
-        return True
 
     def _drain(self, done: Callable[[], bool]) -> bool:
         """At the deadline: what already arrived counts, even if this loop was late to read it
@@ -220,11 +227,27 @@ class FederationServer:
             raise proto.ProtocolError(f"presence from run {msg.info.get('run_id')!r}, "
                                       "not this run")
         status = msg.info.get("status")
+        self.store.set_presence(msg.sender, str(status), msg.info)
         if status == "online":
             self.live[msg.sender] = msg.info
-        else:
+            self._offline_since.pop(msg.sender, None)
+        elif "run_id" in msg.info:  # a goodbye: the device is done
             self.live.pop(msg.sender, None)
-        self.store.set_presence(msg.sender, str(status), msg.info)
+            self._offline_since.pop(msg.sender, None)
+        elif msg.sender in self.live and msg.sender not in self._offline_since:
+            # A Will: the device crashed, or the broker went down and fired every Will. Ask
+            # whoever is still (or again) there to speak up; while we are disconnected the
+            # re-publish waits in paho.
+            self._offline_since[msg.sender] = time.monotonic()
+            self._refresh()
+
+    def _expire_offline(self) -> None:
+        """Stop waiting for devices offline for longer than the grace period."""
+        now = time.monotonic()
+        for device, since in list(self._offline_since.items()):
+            if now - since >= self.config.presence_grace_s:
+                self.live.pop(device, None)
+                del self._offline_since[device]
 
     def _on_upload(self, msg: proto.Message) -> str:
         current = self._open

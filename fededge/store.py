@@ -144,8 +144,8 @@ class Store:
         stored = FederationConfig.from_dict(json.loads(row[0]))
         wanted = {**config.to_dict(), **context, "run_id": stored.run_id}
         have = {**stored.to_dict(), **json.loads(row[1])}
-        differ = [f"{k} {have.get(k)!r} ≠ {wanted.get(k)!r}" for k in sorted(set(have) | set(wanted))
-                  if have.get(k) != wanted.get(k)]
+        differ = [f"{k} {have.get(k)!r} ≠ {wanted.get(k)!r}"
+                  for k in sorted(set(have) | set(wanted)) if have.get(k) != wanted.get(k)]
         if differ:
             where = self.directory or "memory"
             raise StoreError(f"{where} holds federation run {stored.run_id} with other settings "

@@ -27,14 +27,16 @@ def _reply(device: str, samples: int, weights: np.ndarray) -> Reply:
     return Reply(device, samples, Payload(tensors={"weights": weights}))
 
 
-def _federate(split, config, students, hub=None):
-    """Run a whole federation over a MemoryHub; returns the server, clients and consensus
-    infos seen on the wire."""
-    hub = hub or MemoryHub()
-    seen = []
-    watcher = hub.connect("watcher")
-    watcher.subscribe(proto.Topics(config.federation).consensus,
-                      lambda t, p: seen.append(proto.decode(p).info))
+def _federate(split, config, students):
+    """Run a whole federation over a MemoryHub; returns the server, the clients and the info
+    of each round's consensus (the server may re-publish one; the first copy counts)."""
+    hub = MemoryHub()
+    seen = {}
+
+    def watch(topic, payload):
+        msg = proto.decode(payload)
+        seen.setdefault(msg.round, msg.info)
+    hub.connect("watcher").subscribe(proto.Topics(config.federation).consensus, watch)
     server = FederationServer(hub.connect("server"), config,
                               strategy_pair(config.strategy)[0](config),
                               expected_clients=len(students))
@@ -43,7 +45,7 @@ def _federate(split, config, students, hub=None):
     server.run()
     for c in clients:
         assert c.wait(30) and c.error is None, c.error
-    return server, clients, seen
+    return server, clients, [seen[r] for r in sorted(seen)]
 
 
 def test_fedavg_consensus_is_the_sample_weighted_mean(split):
