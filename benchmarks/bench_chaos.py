@@ -91,8 +91,7 @@ def _losses(fleet: Fleet, faults: list[dict], clients: int) -> tuple[int, int]:
         if f["kind"] == "client":
             kills.setdefault(f["target"], []).append(f["at"])
     store = fleet.store()
-    seen = set(store._db.execute("SELECT DISTINCT sender, round FROM submissions "
-                                 "WHERE kind = 'upload'").fetchall())
+    seen = {(sender, rnd) for sender, rnd, _, _ in store.submissions("upload")}
     store.close()
     lost, died = set(), set()
     for when, device, rnd, index in _logged_uploads(fleet, clients):
@@ -144,24 +143,20 @@ def run(args: argparse.Namespace) -> dict:
                 unfinished += 1
         summary = fleet.summary() if rc == 0 else {}
         store = fleet.store()
-        attempts = Counter(status for (status,) in store._db.execute(
-            "SELECT status FROM rounds"))
-        closed_per_round = store._db.execute(
-            "SELECT round, count(*) FROM rounds WHERE status = 'closed' GROUP BY round"
-        ).fetchall()
-        statuses = Counter(status for (status,) in store._db.execute(
-            "SELECT status FROM submissions WHERE kind = 'upload'"))
+        attempts = store.attempts()
+        statuses = Counter(status for _, _, status, _ in store.submissions("upload"))
         store.close()
         lost, died = _losses(fleet, faults, args.clients)
-    final = len(closed_per_round)
+    closed = Counter(rnd for rnd, _, status in attempts if status == "closed")
+    final = len(closed)
     survived = sum(1 for before in closed_before if final > before or before >= args.rounds)
     return {
         "clients": args.clients, "rounds": args.rounds, "completed": rc == 0,
         "rounds_closed": final, "clients_unfinished": unfinished,
-        "rounds_closed_twice": sum(1 for _, n in closed_per_round if n > 1),
+        "rounds_closed_twice": sum(1 for n in closed.values() if n > 1),
         "faults_injected": dict(Counter(f["kind"] for f in faults)),
         "faults_total": len(faults), "faults_survived": survived,
-        "rounds_retried": attempts.get("failed", 0),
+        "rounds_retried": sum(1 for _, _, status in attempts if status == "failed"),
         "uploads": dict(statuses), "submissions_lost": lost, "died_with_sender": died,
         "mean_accuracy": summary.get("mean_accuracy"),
         "wall_seconds": time.time() - started,

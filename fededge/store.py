@@ -174,6 +174,11 @@ class Store:
                                "ORDER BY attempt DESC LIMIT 1", (rnd,)).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
 
+    def attempts(self) -> list[tuple[int, int, str]]:
+        """(round, attempt, status) of every attempt, in order: the audit of retries."""
+        return self._db.execute("SELECT round, attempt, status FROM rounds "
+                                "ORDER BY round, attempt").fetchall()
+
     def open_attempt(self, rnd: int, attempt: int, participants: list[str]) -> None:
         self._db.execute("INSERT OR IGNORE INTO rounds (round, attempt, status, participants, "
                          "opened) VALUES (?, ?, 'open', ?, ?)",
@@ -200,6 +205,13 @@ class Store:
         return self._db.execute("SELECT topic, payload FROM submissions WHERE round = ? AND "
                                 "kind = 'upload' AND status = 'accepted' AND payload IS NOT NULL "
                                 "ORDER BY id", (rnd,)).fetchall()
+
+    def submissions(self, kind: str | None = None
+                    ) -> list[tuple[str | None, int | None, str, str | None]]:
+        """(sender, round, status, reason) of every recorded message, optionally of one kind."""
+        where, args = (" WHERE kind = ?", (kind,)) if kind else ("", ())
+        return self._db.execute("SELECT sender, round, status, reason FROM submissions"
+                                f"{where} ORDER BY id", args).fetchall()
 
     def count(self, status: str, kind: str | None = None) -> int:
         if kind is None:

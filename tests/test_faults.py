@@ -48,8 +48,7 @@ def _closed(rounds: int):
 def _attempts(fleet: Fleet) -> list[tuple[int, int, str]]:
     store = fleet.store()
     try:
-        return store._db.execute("SELECT round, attempt, status FROM rounds ORDER BY round, "
-                                 "attempt").fetchall()
+        return store.attempts()
     finally:
         store.close()
 

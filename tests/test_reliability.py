@@ -85,11 +85,6 @@ def _consensus_logits(store, rounds):
     return [proto.decode(store.consensus(r)).tensors["logits"].tobytes() for r in rounds]
 
 
-def _closed_attempts(store):
-    return store._db.execute("SELECT round, attempt, status FROM rounds ORDER BY round, attempt"
-                             ).fetchall()
-
-
 def test_trainer_state_round_trips_through_safetensors(split, tmp_path):
     data = split.clients[0]
     a = make_client(MemoryHub().connect("x"), split, 0).trainer
@@ -162,7 +157,7 @@ def test_server_killed_mid_round_resumes_it_and_matches_an_uninterrupted_run(spl
     _finish(clients)
     assert [r.round for r in history] == [1, 2, 3]
     assert all(r.accepted == ["dev0", "dev1", "dev2"] for r in history)
-    assert _closed_attempts(store) == [(1, 1, "closed"), (2, 1, "closed"), (3, 1, "closed")]
+    assert store.attempts() == [(1, 1, "closed"), (2, 1, "closed"), (3, 1, "closed")]
     assert store.count("accepted", "upload") == 9, "an upload was accepted twice or lost"
     assert _consensus_logits(store, [1, 2, 3]) == _consensus_logits(reference_store, [1, 2, 3])
 
@@ -187,7 +182,7 @@ def test_lost_duplicate_and_late_uploads(split, tmp_path):
     history = server.run()
     _finish(clients)
     assert all(r.accepted == ["dev0", "dev1", "dev2"] and r.attempts == 1 for r in history)
-    assert history[0].seconds < 10, "the lost upload was only recovered at the deadline"
+    assert history[0].seconds < config.deadline_s, "the round waited for its deadline"
     assert server.accepted_uploads == 6
     # dev2's second copies arrive while the round is open (duplicate) or just after it closed
     # (late); dev0's replay is late. Either way they are recorded, not used, not rejected.
@@ -232,7 +227,7 @@ def test_a_round_without_quorum_is_retried_never_faked(split, tmp_path):
     assert revived[0].resumed_from == 1, "the restarted client did not resume its checkpoint"
     assert [(r.round, r.attempts, r.accepted) for r in history] == [
         (1, 1, ["dev0", "dev1", "dev2"]), (2, 2, ["dev0", "dev1", "dev2"])]
-    assert _closed_attempts(store) == [(1, 1, "closed"), (2, 1, "failed"), (2, 2, "closed")]
+    assert store.attempts() == [(1, 1, "closed"), (2, 1, "failed"), (2, 2, "closed")]
 
 
 def test_no_quorum_in_any_attempt_stops_the_federation(split, tmp_path):
@@ -298,7 +293,7 @@ def test_simulate_killed_with_sigkill_resumes_in_the_same_out_dir(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_round"] == killed_after + 1 >= 2
     store = Store(out, readonly=True)
-    assert _closed_attempts(store) == [(r, 1, "closed") for r in range(1, 4)], \
+    assert store.attempts() == [(r, 1, "closed") for r in range(1, 4)], \
         "a completed round was redone or lost"
     assert summary["uploads_accepted"] == 9 and summary["rejected"] == {}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
