@@ -42,7 +42,8 @@ test: $(STAMP) mosquitto
 # The strategy suite behind BENCHMARKS.md: fedmd vs FedAvg vs fedavg-kd on digits and wine,
 # 3 label skews x 3 seeds, codecs, aggregators, and 10/50/100 clients in one process: ~4 hours
 # on an idle 2-core machine; it resumes where it stopped (benchmarks/results/suite.jsonl).
-# BENCH_ARGS=--quick is the CI smoke (digits, alpha 0.5, seed 0, 3 rounds, ~2 minutes).
+# BENCH_ARGS=--quick is the CI smoke (digits, alpha 0.5, seed 0, 3 rounds, ~2 minutes; .ci/run
+# runs it after the tests and it fails when fedmd stops learning or loses its 50x traffic cut).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_suite.py $(BENCH_ARGS)
 

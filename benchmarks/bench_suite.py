@@ -33,6 +33,8 @@ from suite_report import write_report  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.90
+QUICK_MIN_ACCURACY = 0.85
+QUICK_MIN_BYTE_RATIO = 50
 AGGREGATORS = ("era", "mean", "weighted", "prob-mean", "median", "trimmed-mean")
 CODECS = ("float16", "int8", "topk")
 STUDENTS = {"digits": ("cnn-xs", "cnn-s", "cnn-m", "cnn-l"), "wine": ("mlp-s", "mlp-m", "mlp-l")}
@@ -178,6 +180,32 @@ def main() -> None:
                   f"{record['wall_seconds']:.0f} s", flush=True)
     stem = "suite_quick" if args.quick else "suite"
     write_report(list(done.values()), RESULTS, stem, TARGET)  # everything measured so far
+    if args.quick:
+        failures = quick_failures(done)
+        for failure in failures:
+            print(f"FAIL: {failure}", flush=True)
+        sys.exit(1 if failures else 0)
+
+
+def quick_failures(done: dict[str, dict[str, Any]]) -> list[str]:
+    """The smoke run's gates, so CI fails when the headline claims break: every upload
+    accepted, fedmd learning (3 rounds are enough for ``QUICK_MIN_ACCURACY`` on digits) and
+    fedmd's traffic at least ``QUICK_MIN_BYTE_RATIO`` times below FedAvg of the largest student.
+    Accuracy ranks between strategies need the full 20 rounds and are not gated here."""
+    by_method = {r["method"]: r for r in done.values()}
+    failures = [f"{m}: uploads rejected {r['rejected']}" for m, r in by_method.items()
+                if r["rejected"]]
+    fedmd, fedavg = by_method["fedmd/era/float16"], by_method["fedavg/cnn-l"]
+    if fedmd["mean_accuracy"] < QUICK_MIN_ACCURACY:
+        failures.append(f"fedmd mean accuracy {fedmd['mean_accuracy']:.3f} after "
+                        f"{fedmd['rounds']} rounds is below {QUICK_MIN_ACCURACY}")
+    ratio = fedavg["bytes_per_client_round"] / fedmd["bytes_per_client_round"]
+    print(f"fedmd: {fedmd['mean_accuracy']:.3f} accuracy, {ratio:.0f}x fewer bytes per client "
+          "per round than fedavg/cnn-l", flush=True)
+    if ratio < QUICK_MIN_BYTE_RATIO:
+        failures.append(f"fedmd sends only {ratio:.1f}x fewer bytes than fedavg/cnn-l "
+                        f"(need {QUICK_MIN_BYTE_RATIO}x)")
+    return failures
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def simulate(
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more skewed)."),
     seed: int = typer.Option(0, help="Seed for the split, models and proxy subsets."),
     aggregator: str = typer.Option("era", help="mean, prob-mean, era, weighted, median, "
-                                               "trimmed-mean."),
+                                               "trimmed-mean (the last two resist Byzantine "
+                                               "clients)."),
     strategy: str = typer.Option("fedmd", help="fedmd (logit distillation), fedavg (weight "
                                                "averaging, one student) or fedavg-kd (a FedAvg "
                                                "teacher distilled into each student)."),
@@ -112,6 +113,9 @@ def simulate(
                                               "topk."),
     max_message: int = typer.Option(0, help="Send payloads above this many bytes in chunks "
                                             "(0: never), for brokers that cap message size."),
+    straggle: float = typer.Option(0.0, min=0.0, help="Make slow profiles real stragglers: each "
+                                   "client sleeps STRAGGLE x (fastest relative compute / its "
+                                   "own - 1) x its training time (0: off)."),
     settings: Optional[list[str]] = typer.Option(None, "--set", help="Federation setting "
                                                  "KEY=VALUE, repeatable (e.g. --set "
                                                  "local_epochs=5)."),
@@ -123,7 +127,7 @@ def simulate(
         data=data, clients=clients, rounds=rounds, partition=partition, alpha=alpha, seed=seed,
         aggregator=aggregator, strategy=strategy, out=out, broker=broker, baselines=baselines,
         profiles=[p for p in profiles.split(",") if p.strip()] if profiles else None,
-        student=student, max_message=max_message,
+        student=student, max_message=max_message, straggle=straggle,
         overrides={"logit_codec": codec, **_settings(settings or [])})
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("{task.fields[status]}"),

@@ -30,7 +30,7 @@ class FederationConfig:
     proxy_size: int = 0
     proxy_per_round: int = 0          # 0: the whole proxy set every round
     temperature: float = 3.0          # softening of teacher and student in the KD loss
-    era_temperature: float = 0.1      # DS-FL sharpening of the averaged probabilities
+    era_temperature: float = 0.1      # DS-FL sharpening (era, median, trimmed-mean)
     warmup_epochs: int = 30
     distill_epochs: int = 2
     revisit_epochs: int = 2

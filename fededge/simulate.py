@@ -24,6 +24,7 @@ from .client import DeviceIdentity, FederationClient, LocalData
 from .config import FederationConfig
 from .data import FederatedSplit, load_dataset, split_federated
 from .models import build_student, estimate_cost, zoo_for
+from .privacy import privacy_report
 from .profiles import DeviceProfile, get_profile, load_catalog, pick_student
 from .report import RoundRow, round_rows, union_seconds, write_plot
 from .server import FederationServer, ServerEvents
@@ -129,11 +130,20 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2 ** 32))
 
 
-def _new_trainer(p: Participant, split: FederatedSplit, config: FederationConfig,
-                 seed: int) -> Trainer:
+def new_trainer(student: str, split: FederatedSplit, config: FederationConfig,
+                seed: int) -> Trainer:
+    """A freshly initialised student and its trainer; the seed fixes the initial weights."""
     torch.manual_seed(seed)
-    model = build_student(p.student, split.input_shape, split.num_classes)
+    model = build_student(student, split.input_shape, split.num_classes)
     return Trainer(model, lr=config.lr, batch_size=config.batch_size, seed=seed)
+
+
+def checkpoint_meta(split: FederatedSplit, dataset: str) -> dict[str, Any]:
+    """What ``fededge export`` needs beside a checkpoint to rebuild and package the student."""
+    return {"input_shape": list(split.input_shape), "num_classes": split.num_classes,
+            "class_names": list(split.class_names),
+            "preprocessing": split.preprocessing.to_dict(), "dataset": dataset,
+            "fededge_version": __version__}
 
 
 def federation_config(opts: SimulationOptions, split: FederatedSplit) -> FederationConfig:
@@ -165,15 +175,11 @@ def build_client(people: list[Participant], index: int, split: FederatedSplit, d
     p, data = people[index], split.clients[index]
     local = LocalData(data.X, data.y, split.public_X, split.proxy_sha256, split.test_X,
                       split.test_y)
-    meta = {"input_shape": list(split.input_shape), "num_classes": split.num_classes,
-            "class_names": list(split.class_names),
-            "preprocessing": split.preprocessing.to_dict(),
-            "dataset": dataset, "fededge_version": __version__}
     return FederationClient(
         transport, config.federation,
         DeviceIdentity(p.device_id, p.profile.name, p.student, p.params),
-        _new_trainer(p, split, config, config.seed + index), local,
-        checkpoint_dir=checkpoint_dir, checkpoint_meta=meta,
+        new_trainer(p.student, split, config, config.seed + index), local,
+        checkpoint_dir=checkpoint_dir, checkpoint_meta=checkpoint_meta(split, dataset),
         slowdown=slowdown(people, index, straggle))
 
 
@@ -213,11 +219,12 @@ class _BackgroundBaselines:
         self._split = split
         self._local_epochs = config.warmup_epochs + config.rounds * config.revisit_epochs
         self._central_epochs = max(20, config.warmup_epochs)
-        self._local = [_new_trainer(p, split, config, seed + i) for i, p in enumerate(people)]
+        self._local = [new_trainer(p.student, split, config, seed + i)
+                       for i, p in enumerate(people)]
         self._central: dict[str, Trainer] = {}
         for i, p in enumerate(people):
             if p.student not in self._central:
-                self._central[p.student] = _new_trainer(p, split, config, seed + i)
+                self._central[p.student] = new_trainer(p.student, split, config, seed + i)
         self._students = [p.student for p in people]
         self._value: tuple[list[float], list[float]] | None = None
         self._error: BaseException | None = None
@@ -357,6 +364,7 @@ def run_simulation(opts: SimulationOptions,
         "overhead_share": max(0.0, 1.0 - compute / fed_wall) if fed_wall > 0 else None,
         "wall_seconds": time.time() - started, "config": config.to_dict(),
         "resumed_from_round": server.resumed_from_round,
+        "privacy": privacy_report(config),
     }
     store.close()
     with open(out / "metrics.jsonl", "w") as fh:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .aggregate import AggregationError, get_aggregator
+from .aggregate import SHARPENED_AGGREGATORS, AggregationError, get_aggregator
 from .compress import codec_for
 from .config import ConfigError, FederationConfig
 from .models import zoo_for
@@ -148,7 +148,8 @@ class FedMDServer(ServerStrategy):
 
     def __init__(self, config: FederationConfig) -> None:
         super().__init__(config)
-        options = {"temperature": config.era_temperature} if config.aggregator == "era" else {}
+        sharpened = config.aggregator in SHARPENED_AGGREGATORS
+        options = {"temperature": config.era_temperature} if sharpened else {}
         self._aggregate = get_aggregator(config.aggregator, **options)
         self.codec = codec_for(config)
 

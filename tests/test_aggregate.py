@@ -54,25 +54,48 @@ def test_era_sharpens_mean_probabilities_by_hand():
     np.testing.assert_allclose(np.exp(soft[0, 0]), 1.0 / (1.0 + math.exp(-0.25)), rtol=1e-6)
 
 
+def _binary(*p0):
+    """One (1, 2) logit array per client whose softmax is [p, 1 - p]."""
+    return [np.log([[p, 1.0 - p]]) for p in p0]
+
+
+def _p0(out):
+    return float(np.exp(out.astype(np.float64))[0, 0])
+
+
 def test_median_and_trimmed_mean_by_hand():
-    assert median(_scalars(0, 1, 10), [1, 1, 1])[0, 0] == 1.0
-    assert median(_scalars(0, 1), [1, 1])[0, 0] == 0.5
-    # 5 clients: trim max(1, int(0.5)) = 1 each side -> mean(1, 2, 3)
-    assert trimmed_mean(_scalars(0, 1, 2, 3, 100), [1] * 5)[0, 0] == 2.0
-    assert trimmed_mean(_scalars(0, 10), [1, 1])[0, 0] == 5.0  # < 3 clients: plain mean
-    # 20 clients: trim int(0.1 * 20) = 2 each side
-    values = list(range(18)) + [1000, -1000]
-    assert trimmed_mean(_scalars(*values), [1] * 20)[0, 0] == pytest.approx(np.mean(range(1, 17)))
-    assert get_aggregator("trimmed-mean", trim=0.0)(_scalars(0, 1, 2, 9), [1] * 4)[0, 0] == 3.0
+    # median of p0 (0.2, 0.6, 0.9) = 0.6, of p1 (0.8, 0.4, 0.1) = 0.4; T = 1: softmax([.6, .4])
+    flat = {"temperature": 1.0}
+    assert _p0(get_aggregator("median", **flat)(_binary(0.2, 0.6, 0.9), [1] * 3)) == \
+        pytest.approx(1 / (1 + math.exp(-0.2)), rel=1e-6)
+    # the default T = 0.1 sharpens like era: softmax([6, 4])
+    assert _p0(median(_binary(0.2, 0.6, 0.9), [1] * 3)) == pytest.approx(1 / (1 + math.exp(-2)))
+    # column medians need not sum to 1 and are renormalized: three rotated votes -> uniform
+    rotated = [np.log([v]) for v in ([.7, .2, .1], [.1, .7, .2], [.2, .1, .7])]
+    np.testing.assert_allclose(np.exp(median(rotated, [1] * 3)), [[1 / 3] * 3], rtol=1e-6)
+    # 5 clients, trim 0.2: drop one each side -> mean(0.2, 0.3, 0.4) = 0.3
+    out = get_aggregator("trimmed-mean", **flat)(_binary(0.1, 0.2, 0.3, 0.4, 0.99), [1] * 5)
+    assert _p0(out) == pytest.approx(1 / (1 + math.exp(0.4)), rel=1e-6)
+    # < 3 clients nothing is trimmed; trim 0 is era with equal weights
+    uploads = _binary(0.1, 0.8)
+    np.testing.assert_allclose(trimmed_mean(uploads, [1, 1]), era(uploads, [1, 1]), rtol=1e-6)
+    np.testing.assert_allclose(get_aggregator("trimmed-mean", trim=0.0)(_binary(.1, .2, .9), [1] * 3),
+                               era(_binary(.1, .2, .9), [1] * 3), rtol=1e-6)
+    with pytest.raises(AggregationError, match="trim must be in"):
+        get_aggregator("trimmed-mean", trim=0.5)(uploads, [1, 1])
 
 
-def test_robust_aggregators_resist_one_outlier():
-    honest = [np.full((4, 3), v) for v in (1.0, 1.1, 0.9, 1.0, 1.05)]
-    uploads = honest + [np.full((4, 3), 1e6)]
-    counts = [10] * 6
-    assert abs(mean(uploads, counts).max()) > 1e5
-    assert abs(median(uploads, counts) - 1.0).max() < 0.1
-    assert abs(trimmed_mean(uploads, counts) - 1.0).max() < 0.1
+def test_robust_aggregators_resist_confident_liars():
+    # 8 honest clients lean to class 0; 2 liars are certain of class 2 and claim huge counts
+    rng = np.random.default_rng(0)
+    honest = [np.log([[0.6, 0.3, 0.1]] * 4) + rng.normal(0, 0.05, (4, 3)) for _ in range(8)]
+    liars = [np.array([[-50.0, -50.0, 50.0]] * 4)] * 2
+    uploads, counts = honest + liars, [10] * 8 + [10_000] * 2
+    assert (mean(uploads, counts).argmax(1) == 2).all()
+    for robust in (median, trimmed_mean):
+        out = robust(uploads, counts)
+        assert (out.argmax(1) == 0).all()
+        np.testing.assert_allclose(np.exp(out), np.exp(era(honest, [10] * 8)), atol=0.01)
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
@@ -83,7 +106,7 @@ def test_shape_dtype_and_finiteness_on_extreme_logits(name):
     assert out.shape == (7, 5) and out.dtype == np.float32 and np.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["prob-mean", "era"])
+@pytest.mark.parametrize("name", ["prob-mean", "era", "median", "trimmed-mean"])
 def test_probability_aggregators_return_normalized_log_probs(name):
     rng = np.random.default_rng(1)
     out = get_aggregator(name)([rng.normal(size=(6, 4)) for _ in range(3)], [1, 2, 3])
@@ -112,7 +135,7 @@ def test_unknown_name_and_option():
     assert issubclass(UnknownAggregatorError, ValueError)
     with pytest.raises(AggregationError, match="takes no option temperature; its options: none"):
         get_aggregator("mean", temperature=0.5)
-    with pytest.raises(AggregationError, match="era temperature must be > 0"):
+    with pytest.raises(AggregationError, match="temperature must be > 0"):
         get_aggregator("era", temperature=0.0)([A], [1])
 
 

@@ -60,3 +60,22 @@ def test_unknown_partition_and_strategy(tmp_path):
     assert code == 2 and "random" in out and "dirichlet" in out
     code, out = _invoke("simulate", "--strategy", "fedprox", "--out", str(tmp_path / "r"))
     assert code == 2 and "fedprox" in out and "fedmd" in out
+
+
+def test_straggle_and_settings_reach_the_simulation(monkeypatch, tmp_path):
+    import fededge.simulate
+    from fededge.config import ConfigError
+
+    seen = {}
+
+    def capture(opts, on_round):
+        seen["opts"] = opts
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(fededge.simulate, "run_simulation", capture)
+    code, out = _invoke("simulate", "--straggle", "0.5", "--set", "deadline_s=7",
+                        "--out", str(tmp_path / "r"))
+    assert code == 2 and "stop here" in out
+    assert seen["opts"].straggle == 0.5 and seen["opts"].overrides["deadline_s"] == 7
+    code, out = _invoke("simulate", "--straggle", "-1", "--out", str(tmp_path / "r"))
+    assert code == 2 and "straggle" in out

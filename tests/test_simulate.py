@@ -41,8 +41,10 @@ def _check(result):
     assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
     on_disk = json.loads((out / "summary.json").read_text())
     for key in ("mean_accuracy", "local_only_mean_accuracy", "centralized_mean_accuracy",
-                "rounds", "clients", "bytes_up", "bytes_down", "wall_seconds"):
+                "rounds", "clients", "bytes_up", "bytes_down", "wall_seconds", "strategy",
+                "bytes_per_client_round"):
         assert key in on_disk
+    assert on_disk["privacy"] is None, "local DP is off, yet a privacy budget was reported"
     assert (out / "rounds.png").stat().st_size > 10_000
     for c in s["clients"]:
         assert (out / "clients" / c["id"] / "student.safetensors").exists()
