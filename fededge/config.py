@@ -76,6 +76,8 @@ class FederationConfig:
     kd_alpha: float = 0.5
     kd_epochs: int = 20
     finetune_epochs: int = 0
+    # feddf: epochs the server distills each round's consensus into its model (`teacher`).
+    server_epochs: int = 5
 
     def __post_init__(self) -> None:
         checks = [
@@ -106,6 +108,7 @@ class FederationConfig:
             (0.0 <= self.kd_alpha <= 1.0, "kd_alpha", "in [0, 1]"),
             (self.kd_epochs >= 1, "kd_epochs", "at least 1"),
             (self.finetune_epochs >= 0, "finetune_epochs", "0 or more"),
+            (self.server_epochs >= 1, "server_epochs", "at least 1"),
         ]
         for ok, name, want in checks:
             if not ok:

@@ -278,7 +278,7 @@ def run_simulation(opts: SimulationOptions,
     split = split_federated(dataset, opts.clients, partition=opts.partition, alpha=opts.alpha,
                             seed=opts.seed)
     config = federation_config(opts, split)
-    server_strategy = strategy_server(config)  # validates the aggregator before any work
+    server_strategy = strategy_server(config, split.public_X)  # validates before any work
     people = plan_participants(opts, split)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ Phases are what a device does with a round, so distillation is a phase like any 
 
 - ``fedmd`` (default, after FedMD / DS-FL): every round is a ``logits`` phase: logits on proxy
   rows up, consensus down, then the device distills it into its student and revisits its data.
+- ``feddf``: fedmd's rounds, but the server distills each consensus into a larger server model
+  whose predictions are sent as the teacher (after FedDF).
 - ``fedavg``: every round is a ``weights`` phase (FedAvg): weights up, their average down.
 - ``fedavg-kd`` (the design source's recipe): ``teacher`` rounds train one teacher by FedAvg
   among the devices able to train it; the last consensus opens the ``distill`` phase, in which
@@ -73,8 +75,11 @@ class ServerStrategy(ABC):
     # ``simulate`` then gives every device that student.
     homogeneous: bool = False
 
-    def __init__(self, config: FederationConfig) -> None:
+    def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
+        """``public_X``: the standardized proxy set, for strategies that compute on it at the
+        server (``feddf``); the others only count its rows."""
         self.config = config
+        self.public_X = public_X
 
     @abstractmethod
     def configure(self, rnd: int) -> Payload:
@@ -146,8 +151,8 @@ class FedMDServer(ServerStrategy):
 
     name = "fedmd"
 
-    def __init__(self, config: FederationConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
+        super().__init__(config, public_X)
         sharpened = config.aggregator in SHARPENED_AGGREGATORS
         options = {"temperature": config.era_temperature} if sharpened else {}
         self._aggregate = get_aggregator(config.aggregator, **options)
@@ -176,14 +181,53 @@ class FedMDServer(ServerStrategy):
         self.codec.decode(reply.payload.tensors)
 
     def aggregate(self, rnd: int, announcement: Payload, replies: list[Reply]) -> Payload:
+        return Payload(info={"phase": PHASE_LOGITS, "contributors": len(replies)},
+                       tensors=self.codec.encode(self.consensus(replies)))
+
+    def consensus(self, replies: list[Reply]) -> np.ndarray:
+        """The aggregated (rows, classes) logits of the replies, before encoding."""
         if self.config.share_class_counts:
             counts = np.stack([r.payload.tensors["class_counts"] for r in replies])
         else:
             counts = np.array([r.samples for r in replies])
-        consensus = self._aggregate([self.codec.decode(r.payload.tensors) for r in replies],
-                                    counts)
-        return Payload(info={"phase": PHASE_LOGITS, "contributors": len(replies)},
-                       tensors=self.codec.encode(consensus))
+        return self._aggregate([self.codec.decode(r.payload.tensors) for r in replies], counts)
+
+
+class FedDFServer(FedMDServer):
+    """A FedDF-style server teacher (Lin et al., 2020): the server distills each round's
+    consensus into its own, larger model (``config.teacher``, by default the largest student of
+    the zoo) on the announced proxy rows, and that model's predictions become the teacher signal.
+
+    One model carries knowledge across rounds and smooths the consensus over similar proxy
+    samples; it costs the server ``server_epochs`` of training per round and needs torch and the
+    proxy set at the server. Devices run the fedmd client unchanged. A restarted server starts
+    its model afresh from the seed (the store keeps consensus, not this model).
+    """
+
+    name = "feddf"
+
+    def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
+        super().__init__(config, public_X)
+        if public_X is not None and len(public_X) != config.proxy_size:
+            raise ConfigError(f"feddf got a proxy set of {len(public_X)} rows, the config says "
+                              f"{config.proxy_size}; derive both from the same split")
+        self._server: Trainer | None = None
+
+    def aggregate(self, rnd: int, announcement: Payload, replies: list[Reply]) -> Payload:
+        if self.public_X is None:
+            raise ConfigError("strategy feddf needs the proxy set at the server (it trains a "
+                              "server model on it); run it with `fededge simulate` or a server "
+                              "kit whose dataset the server can load")
+        rows = self.public_X[announced_rows(announcement, self.config.proxy_size)]
+        c = self.config
+        if self._server is None:
+            model = initial_model(teacher_name(c), c.input_shape, c.num_classes, c.seed)
+            self._server = Trainer(model, lr=c.lr, batch_size=c.batch_size, seed=c.seed)
+        self._server.distill(rows, self.consensus(replies), epochs=c.server_epochs,
+                             temperature=c.temperature, alpha=1.0)
+        return Payload(info={"phase": PHASE_LOGITS, "contributors": len(replies),
+                             "server_model": teacher_name(c)},
+                       tensors=self.codec.encode(self._server.logits(rows)))
 
 
 class FedMDClient(ClientStrategy):
@@ -238,8 +282,8 @@ class FedAvgServer(ServerStrategy):
     homogeneous = True
     phase = PHASE_WEIGHTS
 
-    def __init__(self, config: FederationConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
+        super().__init__(config, public_X)
         self.architecture = self._architecture()
         self.size = parameter_count(self.architecture, config.input_shape, config.num_classes)
 
@@ -371,6 +415,7 @@ class FedAvgKDClient(ClientStrategy):
 
 STRATEGIES: dict[str, tuple[type[ServerStrategy], type[ClientStrategy]]] = {
     "fedmd": (FedMDServer, FedMDClient),
+    "feddf": (FedDFServer, FedMDClient),
     "fedavg": (FedAvgServer, FedAvgClient),
     "fedavg-kd": (FedAvgKDServer, FedAvgKDClient),
 }

@@ -9,8 +9,8 @@ from fededge.aggregate import AggregationError
 from fededge.config import ConfigError
 from fededge.models import build_student, estimate_cost
 from fededge.server import FederationServer
-from fededge.strategy import (ClientContext, FedAvgClient, FedAvgKDServer, FedAvgServer, Payload,
-                              Reply, UnknownStrategyError, strategy_pair)
+from fededge.strategy import (ClientContext, FedAvgClient, FedAvgKDServer, FedAvgServer,
+                              FedDFServer, Payload, Reply, UnknownStrategyError, strategy_pair)
 from fededge.trainer import Trainer
 from fededge.transport import MemoryHub
 from fededge.weights import flat_weights
@@ -38,7 +38,7 @@ def _federate(split, config, students):
         seen.setdefault(msg.round, msg.info)
     hub.connect("watcher").subscribe(proto.Topics(config.federation).consensus, watch)
     server = FederationServer(hub.connect("server"), config,
-                              strategy_pair(config.strategy)[0](config),
+                              strategy_pair(config.strategy)[0](config, split.public_X),
                               expected_clients=len(students))
     clients = [make_client(hub.connect(f"dev{i}"), split, i, student=s).start()
                for i, s in enumerate(students)]
@@ -119,5 +119,43 @@ def test_fedmd_with_a_compressed_codec_runs_and_validates(split, codec):
 
 
 def test_unknown_strategy_lists_the_valid_ones():
-    with pytest.raises(UnknownStrategyError, match="choose one of: fedmd, fedavg, fedavg-kd"):
+    with pytest.raises(UnknownStrategyError, match="choose one of: fedmd, feddf, fedavg, fedavg-kd"):
         strategy_pair("fedprox")
+
+
+def _logit_reply(device: str, logits: np.ndarray) -> Reply:
+    counts = np.full(logits.shape[1], 10, np.int64)
+    return Reply(device, int(counts.sum()), Payload(tensors={
+        "logits": logits.astype(np.float16), "class_counts": counts}))
+
+
+def test_feddf_server_model_learns_the_consensus_and_keeps_learning(split):
+    config = small_config(split, strategy="feddf", server_epochs=15, teacher="cnn-m")
+    rows = np.arange(len(split.public_X))
+    # a teacher the server model can learn: a fixed linear function of the proxy features
+    W = np.random.default_rng(0).normal(size=(split.public_X[0].size, split.num_classes))
+    target = split.public_X.reshape(len(rows), -1) @ W
+    target = 5 * target / target.std()
+    replies = [_logit_reply(f"d{i}", target) for i in range(3)]
+    server = FedDFServer(config, split.public_X)
+    agreement = []
+    for rnd in (1, 2):
+        consensus = server.aggregate(rnd, server.configure(rnd), replies)
+        assert consensus.info == {"phase": "logits", "contributors": 3, "server_model": "cnn-m"}
+        teacher = consensus.tensors["logits"].astype(np.float32)
+        assert teacher.shape == target.shape
+        agreement.append((teacher.argmax(1) == target.argmax(1)).mean())
+    assert agreement[0] > 0.6, "the server model did not learn the consensus"
+    assert agreement[1] > agreement[0], "the server model does not carry over between rounds"
+    with pytest.raises(ConfigError, match="feddf needs the proxy set at the server"):
+        FedDFServer(config).aggregate(1, server.configure(1), replies)
+    with pytest.raises(ConfigError, match="proxy set of 3 rows"):
+        FedDFServer(config, split.public_X[:3])
+
+
+def test_feddf_federation_runs_the_fedmd_clients(split):
+    config = small_config(split, strategy="feddf", rounds=1, warmup_epochs=3, server_epochs=2)
+    server, clients, seen = _federate(split, config, ["cnn-xs", "cnn-s", "cnn-xs"])
+    assert server.history[0].accepted == ["dev0", "dev1", "dev2"] and not server.rejections
+    assert seen[0]["server_model"] == "cnn-l" and seen[0]["phase"] == "logits"
+    assert all(len(c.history) == 2 for c in clients), "a client did not absorb the teacher"
