@@ -1,7 +1,7 @@
 """The strategy suite: does logit distillation match weight averaging at a fraction of the bytes?
 
 On the same splits it runs local-only and centralized baselines, fedavg for every student size
-(homogeneous), fedavg-kd, and fedmd with each aggregator and each logit codec, and records
+(homogeneous), fedavg-kd, feddf, and fedmd with each aggregator and each logit codec, and records
 final mean client accuracy, rounds and bytes to reach 90 %, bytes per client per round, wall
 time per round and its share outside training; then 10/50/100 clients in one process for round
 time and peak memory. Every run is ``fededge simulate``'s code path (embedded broker, real MQTT)
@@ -77,6 +77,7 @@ def grid(datasets: list[str], alphas: list[str], seeds: list[int], rounds: int,
                 cells += [Cell(f"fedavg/{s}", strategy="fedavg", student=s, **common)
                           for s in STUDENTS[dataset]]
                 cells.append(Cell("fedavg-kd", strategy="fedavg-kd", **common))
+                cells.append(Cell("feddf/era/float16", strategy="feddf", **common))
     return [c for c in cells if not methods or any(c.method.startswith(m) for m in methods)]
 
 
