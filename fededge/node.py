@@ -107,7 +107,7 @@ def run_server(args: argparse.Namespace) -> int:
     server_cls, _ = strategy_pair(config.strategy)
     transport = connect_with_retry(lambda: MqttTransport("server", args.host, args.port))
     store = Store(args.state)
-    server = FederationServer(transport, config, server_cls(config),
+    server = FederationServer(transport, config, server_cls(config, split.public_X),
                               expected_clients=opts.clients, store=store,
                               context=resume_context(opts), join_timeout=args.join_timeout)
     if server.resumed_from_round is not None:

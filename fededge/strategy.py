@@ -74,6 +74,8 @@ class ServerStrategy(ABC):
     # True when every device must train the same architecture (``config.student``);
     # ``simulate`` then gives every device that student.
     homogeneous: bool = False
+    # True when the server computes on the proxy set itself and must be given ``public_X``.
+    needs_proxy: bool = False
 
     def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
         """``public_X``: the standardized proxy set, for strategies that compute on it at the
@@ -205,6 +207,7 @@ class FedDFServer(FedMDServer):
     """
 
     name = "feddf"
+    needs_proxy = True
 
     def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
         super().__init__(config, public_X)
