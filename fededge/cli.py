@@ -96,7 +96,8 @@ def simulate(
     aggregator: str = typer.Option("era", help="mean, prob-mean, era, weighted, median, "
                                                "trimmed-mean (the last two resist Byzantine "
                                                "clients)."),
-    strategy: str = typer.Option("fedmd", help="fedmd (logit distillation), fedavg (weight "
+    strategy: str = typer.Option("fedmd", help="fedmd (logit distillation), feddf (fedmd with a "
+                                               "server model as teacher), fedavg (weight "
                                                "averaging, one student) or fedavg-kd (a FedAvg "
                                                "teacher distilled into each student)."),
     profiles: Optional[str] = typer.Option(None, help="Comma-separated device profiles assigned "
@@ -204,6 +205,12 @@ app.command("verify-kit")(verify_kit_cmd)
 app.command("broker")(broker_cmd)
 app.command("server")(server_cmd)
 app.command("client")(client_cmd)
+
+# Model delivery: the server side (deploy) and the device side (agent, torch-free).
+from .cli_deploy import agent_cmd, deploy_cmd  # noqa: E402
+
+app.command("deploy")(deploy_cmd)
+app.command("agent")(agent_cmd)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``fededge export`` and ``fededge infer``: command functions that ``cli.py`` registers.
 
-``infer`` runs on devices without torch, so this module imports only the torch-free runtime,
-typer and rich at its top level; ``export`` imports the exporter (and with it torch) lazily.
+``infer`` runs on devices without torch, so this module imports only torch-free modules (the
+runtime, kits, install state, profiles), typer and rich at its top level; ``export`` imports
+the exporter (and with it torch) lazily.
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from . import runtime
+from .install import InstallError, Installs
+from .kit import CLIENT_FILE, KitError, load_kit
+from .profiles import ProfileError, get_profile, usable_threads
 from .report import human_bytes
 
 if TYPE_CHECKING:
@@ -83,21 +88,31 @@ def _export_table(results: list[ExportResult]) -> Table:
 
 
 def infer_cmd(
-    model_dir: Path = typer.Argument(..., help="A model directory written by `fededge export`."),
+    model_dir: Path = typer.Argument(..., help="A model directory written by `fededge export`, "
+                                               "or a device kit: the model its edge agent "
+                                               "installed."),
     data: Path = typer.Argument(..., help=".npz with raw features X and optional labels y."),
     int8: bool = typer.Option(False, "--int8", help="Use model.int8.onnx."),
     threads: Optional[int] = typer.Option(
         None, "--threads", min=1, help="Intra-op threads (default: the device profile's)."),
     show: int = typer.Option(10, "--show", min=0, help="How many predictions to list."),
+    save_logits: Optional[Path] = typer.Option(
+        None, "--save-logits", help="Also write the raw logits (N x classes, float32) to this "
+                                    ".npy file, for comparison by other programs."),
 ) -> None:
     """Predict with an exported student using onnxruntime only (no torch needed)."""
     try:
-        report = runtime.infer_file(model_dir, data, int8=int8, threads=threads)
-    except (runtime.InferenceError, OSError) as exc:  # OSError: e.g. an unreadable file
+        model_dir, providers, threads = _model_source(model_dir, threads)
+        report = runtime.infer_file(model_dir, data, int8=int8, threads=threads,
+                                    providers=providers)
+        if save_logits is not None:
+            np.save(save_logits, report.logits)
+    # OSError: e.g. an unreadable file; the others only for a kit (its installed model)
+    except (runtime.InferenceError, OSError, KitError, InstallError, ProfileError) as exc:
         _fail(exc)
     shown = min(show, len(report.labels))
-    console.print(f"{report.model_file}: {len(report.labels)} samples, first {shown} "
-                  "predictions", highlight=False)
+    console.print(f"{report.model_file} ({model_dir.name}): {len(report.labels)} samples, "
+                  f"first {shown} predictions", highlight=False)
     table = Table()
     for col in ("index", "class", "confidence"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -112,3 +127,20 @@ def infer_cmd(
         f"latency per sample: p50 {lat.p50_ms:.3f} ms, p95 {lat.p95_ms:.3f} ms "
         f"({lat.samples} single-sample runs)\nproviders: {', '.join(report.providers)} "
         f"(threads={report.threads})", highlight=False)
+    if save_logits is not None:
+        console.print(f"wrote logits {report.logits.shape} to {save_logits}", highlight=False)
+
+
+def _model_source(path: Path, threads: int | None) -> tuple[Path, list[str] | None, int | None]:
+    """The model directory to run, with providers and threads. For a device kit: the version
+    its edge agent installed, run as the kit's device profile says; for an export directory:
+    itself, run as its manifest's profile says (None: the runtime reads the manifest)."""
+    if not (path / CLIENT_FILE).is_file():
+        return path, None, threads
+    kit = load_kit(path)
+    installed = Installs.of_kit(path).current_dir()
+    if installed is None:
+        raise InstallError(f"{path}: the edge agent has installed no model yet; deploy one "
+                           f"(`fededge deploy`) and run `fededge agent --kit {path}`")
+    profile = get_profile(kit.profile)
+    return installed, list(profile.ort_providers), threads or usable_threads(profile)

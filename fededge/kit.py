@@ -16,10 +16,11 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from .protocol import SERVER_ID
+from .topics import SERVER_ID
 
 CLIENT_FILE, SERVER_FILE = "client.toml", "server.toml"
 PASSWORD_FILE, CA_FILE, CERT_FILE, KEY_FILE = "password", "ca.crt", "client.crt", "client.key"
+DEPLOY_CERT_FILE, DEPLOY_KEY_FILE = "deploy.crt", "deploy.key"  # server kit: signs bundles
 DATASET_FILE = "dataset.npz"   # a federation's .npz dataset, when it is not a built-in one
 MANIFEST_FILE = "manifest.json"
 STATE_DIR = "state"            # runtime output (checkpoints) below a kit; not part of the kit

@@ -13,7 +13,8 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from .protocol import DEFAULT_MAX_PAYLOAD, SERVER_ID, Topics
+from .protocol import DEFAULT_MAX_PAYLOAD
+from .topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, Topics, role_user
 
 # Mosquitto 2's ``$7$`` password hash: PBKDF2-HMAC-SHA512 with these parameters is what
 # ``mosquitto_passwd`` writes (mosquitto 2.0 src/password_mosq.c), so files are byte-compatible
@@ -70,11 +71,21 @@ def render_passwd(passwords: dict[str, str], previous: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def broker_users(passwords: dict[str, str]) -> dict[str, str]:
+    """Every MQTT user of a federation from its parties' passwords: each party, plus
+    ``server@deploy`` for ``fededge deploy`` and ``<device>@agent`` for each device's edge
+    agent (see ``topics.role_user``), which log in with their party's password."""
+    users = dict(passwords)
+    for party, password in passwords.items():
+        users[role_user(party, DEPLOY_ROLE if party == SERVER_ID else AGENT_ROLE)] = password
+    return users
+
+
 def render_acl(federation: str, devices: list[str]) -> str:
     """Per-user topic rules; Mosquitto denies whatever a user's block does not grant.
 
     Explicit ``user`` blocks rather than one ``%u`` pattern: the server gets different rights
-    from devices, and revoking a device removes its block, so the ACL alone locks it out.
+    from devices, and revoking a device removes its blocks, so the ACL alone locks it out.
     """
     t = Topics(federation)
     shared = (t.config, t.round, t.consensus)
@@ -84,15 +95,25 @@ def render_acl(federation: str, devices: list[str]) -> str:
         "# Devices read the federation-wide topics and write only their own upload and presence",
         "# topics (the broker publishes a device's Last Will on its presence topic, which needs",
         "# that write). The server reads every upload and presence, writes the shared topics.",
+        "# Model delivery: `fededge deploy` (server@deploy) writes the deploy topics and reads the",
+        "# agents' reports; each device's edge agent (<device>@agent) reads only its own deploy",
+        "# topics and writes only its own report.",
         "",
         f"user {SERVER_ID}",
         f"topic read {t.all_up}",
         f"topic read {t.all_presence}",
         *(f"topic write {topic}" for topic in shared),
+        "",
+        f"user {role_user(SERVER_ID, DEPLOY_ROLE)}",
+        f"topic readwrite {t.all_deploy}",
+        f"topic read {t.agent_status('+')}",
     ]
     for device in sorted(devices):
         out += ["", f"user {device}", *(f"topic read {topic}" for topic in shared),
-                f"topic write {t.up(device)}", f"topic write {t.presence(device)}"]
+                f"topic write {t.up(device)}", f"topic write {t.presence(device)}",
+                "", f"user {role_user(device, AGENT_ROLE)}",
+                f"topic read {t.deploy_tree(device)}",
+                f"topic write {t.agent_status(device)}"]
     return "\n".join(out) + "\n"
 
 

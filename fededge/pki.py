@@ -1,5 +1,11 @@
 """The federation's small PKI: one CA, a TLS certificate for the broker, one client certificate
-per party (device id as CN). Built with ``cryptography``; no openssl command line needed.
+per party (device id as CN), and a code-signing certificate for ``fededge deploy``. Built with
+``cryptography``; no openssl command line needed.
+
+Bundles are signed with that code-signing certificate rather than the CA key itself, so the CA
+key can stay offline with the operator: devices accept a signature when the certificate chains
+to the CA in their kit and says ``codeSigning``, which no TLS certificate of the federation does
+(a stolen device key cannot sign models for the others).
 
 Keys are EC P-256: small enough for a Pi Zero's TLS handshake to stay fast, and supported by
 every OpenSSL that Mosquitto and Python link against. PEM files, unencrypted keys: the device
@@ -27,6 +33,10 @@ LEAF_YEARS = 5
 
 class PkiError(ValueError):
     """A certificate or key on disk that cannot be used; the message names the file."""
+
+
+class SignatureError(ValueError):
+    """A signature a receiver must refuse; the message says which check failed."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _private_key(identity: Identity) -> ec.EllipticCurvePrivateKey:
     key = serialization.load_pem_private_key(identity.key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PkiError("the CA key is not an EC key; was the CA made by fededge provision?")
+        raise PkiError(f"the key of {common_name(identity.cert)!r} is not an EC key; was it "
+                       "made by fededge provision?")
     return key
 
 
@@ -99,13 +110,16 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def issue(ca: Identity, common_name: str, *, hosts: list[str] | None = None) -> Identity:
+def issue(ca: Identity, common_name: str, *, hosts: list[str] | None = None,
+          code_signing: bool = False) -> Identity:
     """A leaf certificate signed by ``ca``: a TLS server certificate valid for ``hosts`` (as
-    SANs; clients check the host they dial against them), or else a client certificate."""
+    SANs; clients check the host they dial against them), a code-signing certificate, or else
+    a client certificate."""
     ca_cert, ca_key = ca.cert, _private_key(ca)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if hosts else ExtendedKeyUsageOID.CLIENT_AUTH
+    usage = (ExtendedKeyUsageOID.CODE_SIGNING if code_signing else
+             ExtendedKeyUsageOID.SERVER_AUTH if hosts else ExtendedKeyUsageOID.CLIENT_AUTH)
     builder = (x509.CertificateBuilder()
                .subject_name(_name(common_name, ca_cert.subject.get_attributes_for_oid(
                    NameOID.ORGANIZATION_NAME)[0].value))
@@ -117,7 +131,8 @@ def issue(ca: Identity, common_name: str, *, hosts: list[str] | None = None) -> 
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                             key_encipherment=False, data_encipherment=False,
-                                            key_agreement=True, key_cert_sign=False,
+                                            key_agreement=not code_signing,
+                                            key_cert_sign=False,
                                             crl_sign=False, encipher_only=False,
                                             decipher_only=False), critical=True)
                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -151,3 +166,46 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def is_code_signing(cert: x509.Certificate) -> bool:
+    """True if the certificate's extended key usage allows signing code (deploy bundles)."""
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return ExtendedKeyUsageOID.CODE_SIGNING in usages
+
+
+def sign(identity: Identity, data: bytes) -> bytes:
+    """ECDSA P-256 / SHA-256 signature (DER) of ``data`` with the identity's key."""
+    return _private_key(identity).sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_signature(cert_pem: bytes, ca: x509.Certificate, data: bytes,
+                     signature: bytes) -> x509.Certificate:
+    """Check that ``signature`` over ``data`` was made with the key of ``cert_pem``, a
+    code-signing certificate issued by ``ca`` and valid now; returns the certificate. Each
+    failed check raises ``SignatureError`` naming it."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise SignatureError("the signing certificate is not a PEM certificate") from None
+    who = f"signing certificate {common_name(cert)!r}"
+    if not issued_by(cert, ca):
+        raise SignatureError(f"{who} was not issued by this federation's CA "
+                             f"({common_name(ca)!r})")
+    now = dt.datetime.now(dt.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise SignatureError(f"{who} is not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d}"
+                             f" to {cert.not_valid_after_utc:%Y-%m-%d}); check the clock")
+    if not is_code_signing(cert):
+        raise SignatureError(f"{who} is not a code-signing certificate")
+    public_key = cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise SignatureError(f"{who} does not hold an EC key")
+    try:
+        public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SignatureError(f"the signature does not verify with {who}") from None
+    return cert

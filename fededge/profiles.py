@@ -18,9 +18,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fededge import models
+if TYPE_CHECKING:  # models needs torch; reading a profile must not (the edge agent reads one)
+    from fededge import models
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -222,6 +223,12 @@ def get_profile(name: str, catalog: dict[str, DeviceProfile] | None = None) -> D
     )
 
 
+def usable_threads(profile: DeviceProfile) -> int:
+    """The profile's thread count, capped at this machine's cores: more threads than cores
+    only add contention (and a profile may be used on a smaller machine than it describes)."""
+    return min(profile.threads, os.cpu_count() or 1)
+
+
 def _display(path: Path) -> str:
     """The path relative to the working directory when it is below it, for short messages."""
     try:
@@ -311,6 +318,8 @@ def pick_student(
     Training memory only counts when the profile can train; otherwise the choice is
     ``inference_only`` (the device runs a student trained elsewhere).
     """
+    from fededge import models
+
     zoo = models.zoo_for(input_shape)
     for name in reversed(zoo):
         cost = models.estimate_cost(name, input_shape, num_classes)
@@ -364,6 +373,8 @@ def _exceeded_budgets(
 def _no_fit_message(
     profile: DeviceProfile, smallest: str, input_shape: Sequence[int], num_classes: int
 ) -> str:
+    from fededge import models
+
     cost = models.estimate_cost(smallest, input_shape, num_classes)
     exceeded = _exceeded_budgets(cost, estimate_latency_ms(cost, profile), profile)
     details = "; ".join(f"{budget} ({detail})" for budget, detail in exceeded.items())

@@ -1,4 +1,4 @@
-"""The wire protocol: topic names, message kinds, encode/decode and validation. No I/O.
+"""The wire protocol: message kinds, encode/decode and validation. No I/O.
 
 Every payload is a safetensors blob: tensors plus string metadata. safetensors is chosen over
 pickle (arbitrary code on load) and over JSON (no binary tensors): its header is a bounded JSON
@@ -9,7 +9,6 @@ Structured, non-tensor fields travel as one JSON document under the metadata key
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -19,8 +18,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+# Topic names and ids live in ``topics`` (standard library only, for the edge agent); callers
+# keep reaching them as ``protocol.Topics`` and so on.
+from .topics import SERVER_ID, ProtocolError, Topics, validate_id
+
 SCHEMA_VERSION = "1"
-SERVER_ID = "server"
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -32,72 +34,9 @@ KIND_METRICS = "metrics"
 KIND_PRESENCE = "presence"
 KINDS = (KIND_CONFIG, KIND_ROUND, KIND_UPLOAD, KIND_CONSENSUS, KIND_METRICS, KIND_PRESENCE)
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
 # safetensors dtype codes we accept, and the numpy dtypes they decode to.
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
            "I32": np.int32, "U8": np.uint8, "I8": np.int8}
-
-
-class ProtocolError(ValueError):
-    """A payload or topic that breaks the protocol; the message is the logged rejection reason."""
-
-
-def validate_id(value: str, what: str = "device id") -> str:
-    """Ids become MQTT topic levels and file names, so wildcards, slashes and spaces are banned."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise ProtocolError(
-            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit")
-    return value
-
-
-@dataclass(frozen=True)
-class Topics:
-    """Topic names of one federation; a device writes only below its own ``<device>`` level."""
-
-    federation: str
-
-    def __post_init__(self) -> None:
-        validate_id(self.federation, "federation name")
-
-    @property
-    def root(self) -> str:
-        return f"fededge/{self.federation}"
-
-    @property
-    def config(self) -> str:
-        return f"{self.root}/config"
-
-    @property
-    def round(self) -> str:
-        return f"{self.root}/round"
-
-    @property
-    def consensus(self) -> str:
-        return f"{self.root}/consensus"
-
-    def up(self, device: str) -> str:
-        return f"{self.root}/up/{device}"
-
-    def presence(self, device: str) -> str:
-        return f"{self.root}/presence/{device}"
-
-    @property
-    def all_up(self) -> str:
-        return f"{self.root}/up/+"
-
-    @property
-    def all_presence(self) -> str:
-        return f"{self.root}/presence/+"
-
-    def device_of(self, topic: str) -> str | None:
-        """The device a per-device topic belongs to, or None for federation-wide topics."""
-        for branch in ("up", "presence"):
-            prefix = f"{self.root}/{branch}/"
-            if topic.startswith(prefix):
-                return topic[len(prefix):]
-        return None
 
 
 @dataclass

@@ -4,7 +4,8 @@ Output layout (``OUT``)::
 
     ca/        the federation CA (ca.key never leaves this directory) and revoked.json
     broker/    mosquitto.conf, passwd, acl, the broker's TLS certificate, start script, unit
-    server/    server.toml, password, client certificate and key, ca.crt, start script, unit
+    server/    server.toml, password, client certificate and key, ca.crt, the code-signing
+               certificate and key for `fededge deploy`, start script, unit
     <device>/  client.toml, password, client certificate and key, ca.crt, start script, unit
 
 Every kit has a ``manifest.json`` and ``OUT/manifest.json`` covers all files. Provisioning is
@@ -30,12 +31,12 @@ from .config import ConfigError, FederationConfig
 from .data import DataError, FederatedSplit, load_dataset, split_federated
 from .fedfile import PRIVACY_KEYS, DeviceSpec, FederationSpec, load_federation_file
 from .files import private_dir, write_file, write_secret
-from .kit import (CA_FILE, CERT_FILE, CLIENT_FILE, DATASET_FILE, KEY_FILE, PASSWORD_FILE,
-                  BrokerAccess, DatasetRef, Kit)
+from .kit import (CA_FILE, CERT_FILE, CLIENT_FILE, DATASET_FILE, DEPLOY_CERT_FILE,
+                  DEPLOY_KEY_FILE, KEY_FILE, PASSWORD_FILE, BrokerAccess, DatasetRef, Kit)
 from .manifest import write_manifest
 from .models import zoo_for
 from .profiles import ProfileError, get_profile, pick_student
-from .protocol import SERVER_ID
+from .topics import DEPLOY_ROLE, SERVER_ID, role_user
 from .strategy import UnknownStrategyError, strategy_pair
 
 CA_DIR, BROKER_DIR = "ca", "broker"
@@ -250,17 +251,19 @@ def _ca(out: Path, federation: str) -> pki.Identity:
 
 
 def _identity(directory: Path, cert_name: str, key_name: str, ca: pki.Identity,
-              common_name: str, hosts: list[str] | None = None) -> pki.Identity:
+              common_name: str, hosts: list[str] | None = None,
+              code_signing: bool = False) -> pki.Identity:
     """Keep a certificate that still chains to the CA and names the same party (and covers
-    the same hosts); issue a new one otherwise."""
+    the same hosts, for the same purpose); issue a new one otherwise."""
     cert_path, key_path = directory / cert_name, directory / key_name
     if cert_path.exists() and key_path.exists():
         kept = pki.Identity.load(cert_path, key_path)
         cert = kept.cert
         if (pki.issued_by(cert, ca.cert) and pki.common_name(cert) == common_name
-                and set(hosts or []) <= set(pki.server_hosts(cert))):
+                and set(hosts or []) <= set(pki.server_hosts(cert))
+                and pki.is_code_signing(cert) == code_signing):
             return kept
-    fresh = pki.issue(ca, common_name, hosts=hosts)
+    fresh = pki.issue(ca, common_name, hosts=hosts, code_signing=code_signing)
     fresh.save(cert_path, key_path)
     return fresh
 
@@ -280,6 +283,9 @@ def _write_party_kit(kit: Kit, ca: pki.Identity, spec: FederationSpec,
     directory = private_dir(kit.directory)
     password = _password(directory)
     _identity(directory, CERT_FILE, KEY_FILE, ca, kit.device)
+    if kit.is_server:  # signs `fededge deploy` bundles, so the CA key can stay offline
+        _identity(directory, DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, ca,
+                  role_user(SERVER_ID, DEPLOY_ROLE), code_signing=True)
     write_file(directory / CA_FILE, ca.cert_pem)
     if dataset_path is not None:
         write_file(directory / DATASET_FILE, dataset_path.read_bytes())
@@ -305,7 +311,7 @@ def _write_broker_kit(directory: Path, spec: FederationSpec, ca: pki.Identity,
     write_file(directory / mq.CA_NAME, ca.cert_pem)
     passwd = directory / mq.PASSWD_NAME
     previous = mq.parse_passwd(passwd.read_text()) if passwd.is_file() else {}
-    write_secret(passwd, mq.render_passwd(passwords, previous))
+    write_secret(passwd, mq.render_passwd(mq.broker_users(passwords), previous))
     devices = [p for p in passwords if p != SERVER_ID]
     write_file(directory / mq.ACL_NAME, mq.render_acl(spec.name, devices))
     write_file(directory / mq.CONF_NAME, mq.render_conf(mq.ConfSettings(

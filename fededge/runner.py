@@ -8,7 +8,6 @@ the student named in ``client.toml``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,50 +15,24 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__
 from . import protocol as proto
 from .client import DeviceIdentity, FederationClient, LocalData
 from .config import FederationConfig
 from .data import FederatedSplit, load_dataset, split_federated
-from .kit import CA_FILE, CERT_FILE, KEY_FILE, STATE_DIR, Kit, KitError
-from .models import build_student
+from .kit import STATE_DIR, Kit, KitError
+from .kit_mqtt import connect
 from .privacy import worst_case_mu
-from .profiles import get_profile
+from .profiles import get_profile, usable_threads
 from .report import RoundRow, round_rows
 from .server import FederationServer, ServerEvents
-from .simulate import open_store
+from .simulate import checkpoint_meta, new_trainer, open_store
 from .strategy import strategy_pair
-from .trainer import Trainer
-from .transport import Handler, MqttTransport, TlsConfig, Transport
+from .transport import Handler, Transport
 
 
 def kit_config(kit: Kit) -> FederationConfig:
     """The federation settings the kit was provisioned with (a fresh run id each start)."""
     return FederationConfig.from_dict(kit.config)
-
-
-def connect(kit: Kit, *, will: tuple[str, bytes] | None = None) -> MqttTransport:
-    """An MQTT connection as the kit's party: TLS with its client certificate, and password."""
-    tls = TlsConfig(str(kit.path(CA_FILE)), str(kit.path(CERT_FILE)), str(kit.path(KEY_FILE)))
-    return MqttTransport(kit.device, kit.broker.host, kit.broker.port,
-                         username=kit.broker.username, password=kit.password(), tls=tls,
-                         will=will).connect()
-
-
-def new_trainer(student: str, split: FederatedSplit, config: FederationConfig,
-                seed: int) -> Trainer:
-    """A freshly initialised student and its trainer; the seed fixes the initial weights."""
-    torch.manual_seed(seed)
-    model = build_student(student, split.input_shape, split.num_classes)
-    return Trainer(model, lr=config.lr, batch_size=config.batch_size, seed=seed)
-
-
-def checkpoint_meta(split: FederatedSplit, dataset: str) -> dict[str, Any]:
-    """What ``fededge export`` needs beside a checkpoint to rebuild and package the student."""
-    return {"input_shape": list(split.input_shape), "num_classes": split.num_classes,
-            "class_names": list(split.class_names),
-            "preprocessing": split.preprocessing.to_dict(), "dataset": dataset,
-            "fededge_version": __version__}
 
 
 # ----------------------------------------------------------------------------- server
@@ -81,7 +54,9 @@ def run_server(kit: Kit, *, state: Path | None = None, join_timeout: float = 300
     if not kit.is_server:
         raise KitError(f"{kit.file}: this is device {kit.device!r}'s kit; pass the server kit")
     config = kit_config(kit)
-    strategy = strategy_pair(config.strategy)[0](config)
+    server_cls = strategy_pair(config.strategy)[0]
+    public_X = kit_split(kit)[0].public_X if server_cls.needs_proxy else None
+    strategy = server_cls(config, public_X)
     store = open_store(state or kit.path(STATE_DIR))  # resumes an unfinished run
     transport = connect(kit)
     try:
@@ -175,7 +150,9 @@ def private_data(path: str | Path, split: FederatedSplit) -> tuple[np.ndarray, n
     return split.preprocessing.apply(X), y.astype(np.int64)
 
 
-def _local_data(kit: Kit, data: str | Path | None) -> tuple[LocalData, FederatedSplit, str]:
+def kit_split(kit: Kit) -> tuple[FederatedSplit, str]:
+    """The federation's split re-derived from the kit's dataset reference, checked against the
+    provisioned proxy set; and the dataset's name."""
     dataset = load_dataset(kit.dataset_source())
     ref = kit.dataset
     split = split_federated(dataset, ref.shards, partition=ref.partition, alpha=ref.alpha,
@@ -184,6 +161,11 @@ def _local_data(kit: Kit, data: str | Path | None) -> tuple[LocalData, Federated
         raise KitError(f"{kit.file}: the proxy set derived here ({split.proxy_sha256[:12]}) "
                        f"differs from the provisioned one ({ref.proxy_sha256[:12]}); install the "
                        "fededge version that provisioned the kit")
+    return split, dataset.name
+
+
+def _local_data(kit: Kit, data: str | Path | None) -> tuple[LocalData, FederatedSplit, str]:
+    split, dataset_name = kit_split(kit)
     data = data if data is not None else kit.data
     if data is not None:
         X, y = private_data(data, split)
@@ -193,7 +175,7 @@ def _local_data(kit: Kit, data: str | Path | None) -> tuple[LocalData, Federated
         raise KitError(f"{kit.file}: device {kit.device!r} has no private data; pass "
                        "--data PATH.npz")
     return (LocalData(X, y, split.public_X, split.proxy_sha256, split.test_X, split.test_y),
-            split, dataset.name)
+            split, dataset_name)
 
 
 def run_client(kit: Kit, *, data: str | Path | None = None, state: Path | None = None,
@@ -203,7 +185,7 @@ def run_client(kit: Kit, *, data: str | Path | None = None, state: Path | None =
     if kit.is_server:
         raise KitError(f"{kit.file}: this is the server's kit; pass a device kit")
     floor = kit_config(kit)
-    threads = threads or min(get_profile(kit.profile).threads, os.cpu_count() or 1)
+    threads = threads or usable_threads(get_profile(kit.profile))
     torch.set_num_threads(threads)
     local, split, dataset = _local_data(kit, data)
     trainer = new_trainer(kit.student, split, floor, kit.seed)

@@ -147,6 +147,14 @@ def verify_files(root: Path, files: dict) -> None:
             )
 
 
+def softmax_top(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The argmax class of each row of logits and its softmax probability."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    labels = probs.argmax(axis=1)
+    return labels, probs[np.arange(len(labels)), labels]
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -163,10 +171,11 @@ class EdgeModel:
     """An exported student, verified and ready to predict from raw features."""
 
     def __init__(self, model_dir: str | Path, *, int8: bool = False,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, providers: Sequence[str] | None = None) -> None:
         """Load ``model_dir``; ``int8`` picks ``model.int8.onnx``; ``threads`` overrides the
         profile's thread count, which is capped at this machine's cores (more threads than
-        cores only adds contention)."""
+        cores only adds contention); ``providers`` overrides the profile's preference order
+        (the edge agent passes its own device's, which may differ from the exporting run's)."""
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir)
         self.model_file = INT8_FILE if int8 else FP32_FILE
@@ -177,8 +186,9 @@ class EdgeModel:
             )
         profile = self.manifest["profile"]
         self.threads = min(profile["threads"], os.cpu_count() or 1) if threads is None else threads
+        preferred = profile["ort_providers"] if providers is None else providers
         self.session = create_session(self.model_dir / self.model_file,
-                                      choose_providers(profile["ort_providers"]), self.threads)
+                                      choose_providers(preferred), self.threads)
         self.providers: list[str] = self.session.get_providers()
         self.input_name: str = self.manifest["input"]["name"]
         self.sample_shape = tuple(self.manifest["input"]["shape"][1:])
@@ -202,11 +212,7 @@ class EdgeModel:
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted class indices and their softmax probabilities."""
-        logits = self.logits(X)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
-        labels = probs.argmax(axis=1)
-        return labels, probs[np.arange(len(labels)), labels]
+        return softmax_top(self.logits(X))
 
     def latency(self, X: np.ndarray, samples: int = LATENCY_SAMPLES) -> Latency:
         """p50/p95 of predicting one raw sample at a time (preprocessing included), over the
@@ -248,6 +254,7 @@ class InferenceReport:
 
     labels: np.ndarray
     confidences: np.ndarray
+    logits: np.ndarray
     class_names: list[str]
     accuracy: float | None
     latency: Latency
@@ -257,12 +264,14 @@ class InferenceReport:
 
 
 def infer_file(model_dir: str | Path, data_path: str | Path, *, int8: bool = False,
-               threads: int | None = None) -> InferenceReport:
+               threads: int | None = None,
+               providers: Sequence[str] | None = None) -> InferenceReport:
     """Predict every sample of a .npz, score it when it has labels, and time single samples;
     the shared core of ``run.py`` and ``fededge infer``."""
-    model = EdgeModel(model_dir, int8=int8, threads=threads)
+    model = EdgeModel(model_dir, int8=int8, threads=threads, providers=providers)
     X, y = load_npz(data_path)
-    labels, confidences = model.predict(X)
+    logits = model.logits(X)
+    labels, confidences = softmax_top(logits)
     accuracy = None if y is None else float((labels == y).mean())
-    return InferenceReport(labels, confidences, model.class_names, accuracy, model.latency(X),
-                           model.providers, model.model_file, model.threads)
+    return InferenceReport(labels, confidences, logits, model.class_names, accuracy,
+                           model.latency(X), model.providers, model.model_file, model.threads)

@@ -190,6 +190,14 @@ class MqttTransport(Transport):
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=1)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop every handler of ``topic_filter`` here and at the broker (also after a
+        reconnect, which re-subscribes only what is left)."""
+        with self._lock:
+            self._subs = [(f, h) for f, h in self._subs if f != topic_filter]
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):

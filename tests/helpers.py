@@ -1,6 +1,11 @@
-"""Shared builders for federation tests: a small digits split and in-process clients."""
+"""Shared builders for tests: a small digits split, in-process clients, and Python
+subprocesses that cannot import chosen modules (torch-free paths)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,3 +57,31 @@ def local_only_accuracy(split, index: int, epochs: int) -> float:
 
 def mean(values) -> float:
     return float(np.mean(list(values)))
+
+
+# Blocks imports (a None entry in sys.modules makes the import raise ImportError); with fededge
+# too, it proves an exported bundle runs from its own files alone.
+BLOCKER = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
+EDGE_BLOCKED = ["torch", "sklearn", "safetensors", "amqtt", "scipy", "matplotlib", "onnx"]
+"""What the ``edge`` extra does not install: the agent and ``infer`` must never import it."""
+
+
+def blocked_env(tmp_path: Path, blocked: list[str]) -> dict[str, str]:
+    """An environment whose Python cannot import ``blocked`` (via a sitecustomize)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCKER.format(names=blocked))
+    return {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1",
+            "COLUMNS": "200"}
+
+
+def run_blocked(tmp_path: Path, blocked: list[str], args: list[str],
+                cwd: Path) -> subprocess.CompletedProcess:
+    """Run python with `blocked` modules made unimportable by a sitecustomize."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=blocked_env(tmp_path, blocked),
+                          capture_output=True, text=True, timeout=120)
+
+
+def stdout_of(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

@@ -13,7 +13,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from typer.testing import CliRunner
 from fededge import mosquitto_files as mq
 from fededge import pki
 from fededge import protocol as proto
-from fededge.broker import BrokerError, free_port, mosquitto_binary, wait_for_port
+from fededge.broker import free_port, mosquitto_binary, wait_for_port
 from fededge.cli import app
 from fededge.config import ConfigError, FederationConfig
 from fededge.fedfile import FederationFileError
@@ -33,34 +32,9 @@ from fededge.manifest import verify_manifest
 from fededge.privacy import (LocalPrivacy, clip_rows, delta_for, epsilon_for, privacy_report,
                              release_mu)
 from fededge.provision import provision
-from fededge.transport import MemoryHub, MqttTransport, TlsConfig, TransportError
-
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "examples" / "federation.toml"
-DEVICES = ("pi5-kitchen", "jetson-lab", "gateway-1")
-
-
-def _has_mosquitto() -> bool:
-    try:
-        mosquitto_binary()
-        return True
-    except BrokerError:
-        return False
-
-
-def _federation_file(tmp: Path, *, port: int = 8883, extra_device: bool = False,
-                     settings: str = "", privacy: str = "") -> Path:
-    """The shipped example with test-sized settings (ports, rounds, epochs) swapped in."""
-    text = EXAMPLE.read_text().replace("tls_port = 8883", f"tls_port = {port}")
-    text = re.sub(r"(?ms)^\[training\].*?(?=^# Optional local)",
-                  f"[training]\n{settings}\n\n", text)
-    if privacy:
-        text = text.replace("# [privacy]", f"[privacy]\n{privacy}\n# ")
-    if extra_device:
-        text += '\n[[devices]]\nid = "pi4-garage"\nprofile = "pi-4-4gb"\n'
-    path = tmp / "federation.toml"
-    path.write_text(text)
-    return path
+from fededge.transport import MemoryHub, TransportError
+from kit_helpers import (DEVICES, EXAMPLE, REPO, Processes, collect, connect_party,
+                         federation_file, has_mosquitto)
 
 
 def _mode(path: Path) -> int:
@@ -110,9 +84,11 @@ def test_example_provisions_as_is(tmp_path):
     assert queued == mq.queue_size(3, 10, 3) >= 1000  # never below Mosquitto's default
     assert mq.queue_size(50, 100, 3) == 2 * 51 * 101 * 9  # grows with the federation
     passwd = mq.parse_passwd((kits / "broker" / "passwd").read_text())
-    assert set(passwd) == {*DEVICES, "server"}
-    for kit in [*DEVICES, "server"]:
-        assert mq.check_password((kits / kit / "password").read_text().strip(), passwd[kit])
+    # Each party's second process (deploy, agent) is its own user with the party's password.
+    assert set(passwd) == {*DEVICES, "server", "server@deploy", *(f"{d}@agent" for d in DEVICES)}
+    for kit, user in [*((d, f"{d}@agent") for d in DEVICES), ("server", "server@deploy")]:
+        for name in (kit, user):
+            assert mq.check_password((kits / kit / "password").read_text().strip(), passwd[name])
     acl = (kits / "broker" / "acl").read_text()
     assert "topic write fededge/demo/up/jetson-lab\n" in acl
     block = acl.split("user jetson-lab\n")[1].split("\n\n")[0].splitlines()
@@ -165,13 +141,13 @@ def _credentials(kits: Path, party: str) -> dict[str, bytes]:
 
 def test_reprovision_adds_a_device_and_keeps_everyone_elses_credentials(tmp_path):
     kits = tmp_path / "kits"
-    provision(_federation_file(tmp_path), kits)
+    provision(federation_file(tmp_path), kits)
     before = {p: _credentials(kits, p) for p in [*DEVICES, "server"]}
     broker_before = {n: (kits / "broker" / n).read_bytes() for n in ("broker.crt", "broker.key")}
     ca_before = (kits / "ca" / "ca.key").read_bytes()
     passwd_before = mq.parse_passwd((kits / "broker" / "passwd").read_text())
 
-    result = provision(_federation_file(tmp_path, extra_device=True), kits)
+    result = provision(federation_file(tmp_path, extra_device=True), kits)
     assert {d.id: d.status for d in result.devices} == {**dict.fromkeys(DEVICES, "kept"),
                                                         "pi4-garage": "new"}
     assert {p: _credentials(kits, p) for p in [*DEVICES, "server"]} == before
@@ -186,7 +162,7 @@ def test_reprovision_adds_a_device_and_keeps_everyone_elses_credentials(tmp_path
 
 def test_revoke_removes_the_device_from_password_file_and_acl(tmp_path):
     kits = tmp_path / "kits"
-    federation = _federation_file(tmp_path)
+    federation = federation_file(tmp_path)
     provision(federation, kits)
     kept = _credentials(kits, "pi5-kitchen")
     for not_a_device in ("ca", "broker", "server", "nobody"):
@@ -211,14 +187,14 @@ def test_revoke_removes_the_device_from_password_file_and_acl(tmp_path):
 
 def test_a_device_dropped_from_the_file_must_be_revoked_explicitly(tmp_path):
     kits = tmp_path / "kits"
-    provision(_federation_file(tmp_path, extra_device=True), kits)
+    provision(federation_file(tmp_path, extra_device=True), kits)
     with pytest.raises(ValueError, match="pi4-garage.*--revoke pi4-garage"):
-        provision(_federation_file(tmp_path), kits)
+        provision(federation_file(tmp_path), kits)
 
 
 def test_verify_kit_catches_a_changed_byte(tmp_path):
     kits = tmp_path / "kits"
-    provision(_federation_file(tmp_path), kits)
+    provision(federation_file(tmp_path), kits)
     target = kits / "gateway-1" / "client.toml"
     data = bytearray(target.read_bytes())
     data[200] ^= 0x01
@@ -320,32 +296,6 @@ def test_fedmd_reply_noises_logits_on_the_device():
 
 # ----------------------------------------------------------------------------- the broker
 
-class _Processes:
-    """Subprocesses started by a test, each in its own session so a whole tree can be ended."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, *args: str, log: Path) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-        proc = subprocess.Popen([sys.executable, "-m", "fededge.cli", *args], cwd=REPO, env=env,
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 TINY = "\n".join(["rounds = 2", "warmup_epochs = 2", "distill_epochs = 1", "revisit_epochs = 1",
                   "proxy_per_round = 100", "deadline_s = 60.0"])
 
@@ -353,14 +303,14 @@ TINY = "\n".join(["rounds = 2", "warmup_epochs = 2", "distill_epochs = 1", "revi
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     """Kits for a 3-device federation with local DP, and their Mosquitto, running."""
-    if not _has_mosquitto():
+    if not has_mosquitto():
         pytest.skip("mosquitto not installed (make test installs it)")
     tmp = tmp_path_factory.mktemp("secured")
     port = free_port()
     kits = tmp / "kits"
-    provision(_federation_file(tmp, port=port, settings=TINY,
+    provision(federation_file(tmp, port=port, settings=TINY,
                                privacy="noise_multiplier = 0.5\nclip = 10.0"), kits)
-    procs = _Processes()
+    procs = Processes()
     try:
         procs.start("broker", "--kit", str(kits / "broker"), log=tmp / "broker.log")
         assert wait_for_port("127.0.0.1", port, 20), (tmp / "broker.log").read_text()
@@ -369,26 +319,14 @@ def secured(tmp_path_factory):
         procs.stop_all()
 
 
-def _connect(kits: Path, port: int, party: str, *, username: str | None = "",
-             password: str | None = None, cert_dir: Path | None = None,
-             timeout: float = 10.0) -> MqttTransport:
-    kit, certs = kits / party, cert_dir or kits / party
-    tls = TlsConfig(str(kits / party / "ca.crt"), str(certs / "client.crt"),
-                    str(certs / "client.key"))
-    user = party if username == "" else username
-    secret = (kit / "password").read_text().strip() if password is None else password
-    return MqttTransport(party, "127.0.0.1", port, username=user,
-                         password=secret if user is not None else None, tls=tls).connect(timeout)
-
-
 @pytest.mark.mosquitto
 def test_anonymous_and_wrong_password_are_refused(secured):
     kits, port, _, _ = secured
     with pytest.raises(TransportError, match="refused"):
-        _connect(kits, port, "pi5-kitchen", username=None)
+        connect_party(kits, port, "pi5-kitchen", username=None)
     with pytest.raises(TransportError, match="refused"):
-        _connect(kits, port, "pi5-kitchen", password="not-the-password")
-    _connect(kits, port, "pi5-kitchen").close()  # the control: right credentials get in
+        connect_party(kits, port, "pi5-kitchen", password="not-the-password")
+    connect_party(kits, port, "pi5-kitchen").close()  # the control: right credentials get in
 
 
 @pytest.mark.mosquitto
@@ -397,26 +335,20 @@ def test_a_certificate_from_another_ca_is_refused(secured, tmp_path):
     rogue = pki.issue(pki.create_ca("rogue"), "pi5-kitchen")
     rogue.save(tmp_path / "client.crt", tmp_path / "client.key")
     with pytest.raises(TransportError):
-        _connect(kits, port, "pi5-kitchen", cert_dir=tmp_path, timeout=3)
-
-
-def _collect(transport: MqttTransport, topic_filter: str) -> list[str]:
-    got: list[str] = []
-    transport.subscribe(topic_filter, lambda topic, payload: got.append(topic))
-    return got
+        connect_party(kits, port, "pi5-kitchen", cert_dir=tmp_path, timeout=3)
 
 
 @pytest.mark.mosquitto
 def test_a_device_cannot_write_or_read_another_devices_uploads(secured):
     kits, port, _, _ = secured
     topics = proto.Topics("demo")
-    server = _connect(kits, port, "server")
-    mallory = _connect(kits, port, "pi5-kitchen")
-    victim = _connect(kits, port, "gateway-1")
+    server = connect_party(kits, port, "server")
+    mallory = connect_party(kits, port, "pi5-kitchen")
+    victim = connect_party(kits, port, "gateway-1")
     try:
-        at_server = _collect(server, topics.all_up)
-        snooped = _collect(mallory, topics.up("gateway-1"))
-        snooped_all = _collect(mallory, topics.all_up)
+        at_server = collect(server, topics.all_up)
+        snooped = collect(mallory, topics.up("gateway-1"))
+        snooped_all = collect(mallory, topics.all_up)
         time.sleep(0.5)  # subscriptions acknowledged
         forged = proto.encode(proto.Message(proto.KIND_METRICS, "gateway-1", 1, {}))
         mallory.publish(topics.up("gateway-1"), forged)
@@ -463,7 +395,7 @@ def test_full_federation_from_kits_over_tls(secured):
 def test_broker_without_mosquitto_names_the_debian_package(tmp_path, monkeypatch):
     import fededge.broker as broker
 
-    provision(_federation_file(tmp_path), tmp_path / "kits")
+    provision(federation_file(tmp_path), tmp_path / "kits")
     monkeypatch.setattr(broker.shutil, "which", lambda name: None)
     monkeypatch.setattr(broker, "Path", lambda p: Path("/nonexistent") / Path(p).name)
     result = CliRunner().invoke(app, ["broker", "--kit", str(tmp_path / "kits" / "broker")])
@@ -475,11 +407,11 @@ def test_broker_without_mosquitto_names_the_debian_package(tmp_path, monkeypatch
 def test_site_bridge_carries_the_protocol(tmp_path):
     """broker/bridge/site.conf's bridge between two real Mosquittos: retained federation topics
     reach a device at the site, its upload reaches the server at the centre, ACLs hold."""
-    if not _has_mosquitto():
+    if not has_mosquitto():
         pytest.skip("mosquitto not installed (make test installs it)")
     centre_port = free_port()
     kits = tmp_path / "kits"
-    provision(_federation_file(tmp_path, port=centre_port), kits)
+    provision(federation_file(tmp_path, port=centre_port), kits)
     ca = pki.Identity.load(kits / "ca" / "ca.crt", kits / "ca" / "ca.key")
     site = tmp_path / "site"
     shutil.copytree(kits / "broker", site)
@@ -494,13 +426,13 @@ def test_site_bridge_carries_the_protocol(tmp_path):
         fh.write(f"bridge-site-a:{mq.hash_password('bridge-secret')}\n")
     with open(kits / "broker" / "acl", "a") as fh:
         fh.write((REPO / "broker" / "bridge" / "centre-acl-addition.acl").read_text())
-    procs = _Processes()
+    procs = Processes()
     try:
         procs.start("broker", "--kit", str(kits / "broker"), log=tmp_path / "centre.log")
         assert wait_for_port("127.0.0.1", centre_port, 20), (tmp_path / "centre.log").read_text()
         topics = proto.Topics("demo")
-        server = _connect(kits, centre_port, "server")
-        at_server = _collect(server, topics.all_up)
+        server = connect_party(kits, centre_port, "server")
+        at_server = collect(server, topics.all_up)
         server.publish(topics.config, b"config-v1", retain=True)
         server.flush()
         site_port = free_port()  # only now: a free port can be reused by outgoing connections
@@ -512,8 +444,8 @@ def test_site_bridge_carries_the_protocol(tmp_path):
         procs.procs.append(site_proc)
         assert wait_for_port("127.0.0.1", site_port, 20), (tmp_path / "site.log").read_text()
         time.sleep(1.5)  # the bridge connects and subscribes
-        device = _connect(kits, site_port, "pi5-kitchen")
-        config = _collect(device, topics.config)
+        device = connect_party(kits, site_port, "pi5-kitchen")
+        config = collect(device, topics.config)
         device.publish(topics.up("pi5-kitchen"), b"mine")
         device.publish(topics.up("gateway-1"), b"forged")  # denied by the site's ACL
         deadline = time.monotonic() + 10
@@ -530,24 +462,24 @@ def test_site_bridge_carries_the_protocol(tmp_path):
 
 @pytest.mark.mosquitto
 def test_revocation_reaches_a_running_broker_on_sighup(tmp_path):
-    if not _has_mosquitto():
+    if not has_mosquitto():
         pytest.skip("mosquitto not installed (make test installs it)")
     port = free_port()
-    federation, kits = _federation_file(tmp_path, port=port), tmp_path / "kits"
+    federation, kits = federation_file(tmp_path, port=port), tmp_path / "kits"
     provision(federation, kits)
-    procs = _Processes()
+    procs = Processes()
     try:
         broker = procs.start("broker", "--kit", str(kits / "broker"), log=tmp_path / "b.log")
         assert wait_for_port("127.0.0.1", port, 20), (tmp_path / "b.log").read_text()
         saved = tmp_path / "jetson-lab"
         shutil.copytree(kits / "jetson-lab", saved)  # what the device still holds
-        _connect(kits, port, "jetson-lab").close()
+        connect_party(kits, port, "jetson-lab").close()
         provision(federation, kits, revoke=["jetson-lab"])
         os.kill(broker.pid, signal.SIGHUP)
         time.sleep(1.0)
         with pytest.raises(TransportError, match="refused"):
-            _connect(tmp_path, port, "jetson-lab")
-        _connect(kits, port, "pi5-kitchen").close()
+            connect_party(tmp_path, port, "jetson-lab")
+        connect_party(kits, port, "pi5-kitchen").close()
         assert broker.poll() is None
     finally:
         procs.stop_all()
@@ -560,7 +492,7 @@ def test_a_dataset_file_ships_in_every_kit_and_devices_bring_their_own_data(tmp_
     digits = load_dataset("digits")
     np.savez(tmp_path / "public.npz", X=digits.X[:600], y=digits.y[:600],
              X_public=digits.X[600:900])
-    text = _federation_file(tmp_path).read_text().replace('source = "digits"',
+    text = federation_file(tmp_path).read_text().replace('source = "digits"',
                                                           'source = "public.npz"')
     text = text.replace('id = "gateway-1"', 'id = "gateway-1"\ndata = "/data/own.npz"')
     (tmp_path / "federation.toml").write_text(text)

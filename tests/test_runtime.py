@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,11 +20,9 @@ from fededge.models import build_student
 from fededge.profiles import get_profile
 from fededge.runtime import EdgeModel, InferenceError
 from fededge.trainer import Trainer
+from helpers import run_blocked, stdout_of
 
 REPO = Path(__file__).resolve().parent.parent
-# Blocks `import torch` (a None entry in sys.modules makes the import raise ImportError) and,
-# with fededge too, proves the bundle runs from its own files alone.
-BLOCKER = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
 
 
 @pytest.fixture(scope="module")
@@ -61,22 +57,6 @@ def data_npz(tmp_path_factory, split) -> Path:
 def copy(bundle, tmp_path) -> Path:
     """A private copy of the bundle a test may damage."""
     return Path(shutil.copytree(bundle, tmp_path / "bundle"))
-
-
-def run_blocked(tmp_path: Path, blocked: list[str], args: list[str],
-                cwd: Path) -> subprocess.CompletedProcess:
-    """Run python with `blocked` modules made unimportable by a sitecustomize."""
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(BLOCKER.format(names=blocked))
-    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
-
-
-def stdout_of(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 # ----------------------------------------------------------------------------- torch-free
