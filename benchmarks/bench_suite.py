@@ -124,6 +124,9 @@ def measure(cell: Cell) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(asdict(cell))],
                           capture_output=True, text=True)
     if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        if last.startswith("fededge.data.DataError:"):  # e.g. wine is too small for α = 0.1
+            return {**asdict(cell), "key": cell.key, "skipped": last.split(": ", 1)[1]}
         raise RuntimeError(f"{cell.key} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -176,6 +179,10 @@ def main() -> None:
             done[cell.key] = record
             with args.results.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if "skipped" in record:
+                print(f"[{i}/{len(todo)}] {cell.key}: not runnable: {record['skipped']}",
+                      flush=True)
+                continue
             print(f"[{i}/{len(todo)}] {cell.key}: accuracy {record['mean_accuracy']:.3f}, "
                   f"{record['bytes_per_client_round'] / 1024:.1f} KiB/client/round, "
                   f"{record['wall_seconds']:.0f} s", flush=True)

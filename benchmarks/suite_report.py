@@ -219,6 +219,8 @@ def _plot_scale(records: list[Record], path: Path) -> None:
 def write_report(records: list[Record], out: Path, stem: str, target: float) -> Path:
     """Write ``<stem>.md`` and its plots into ``out``; returns the markdown path."""
     out.mkdir(parents=True, exist_ok=True)
+    skipped = [r for r in records if "skipped" in r]
+    records = [r for r in records if "skipped" not in r]
     lines = [f"# Strategy suite ({stem})", "",
              f"{len(records)} runs on {platform.machine()} ({platform.processor() or 'cpu'}), "
              "one process per run, torch at one thread, embedded amqtt broker. Accuracy is the "
@@ -246,6 +248,10 @@ def write_report(records: list[Record], out: Path, stem: str, target: float) -> 
         _plot_scale(records, out / f"{stem}_scale.png")
         lines += ["## Scale: N clients in one process (fedmd, digits, iid)", ""] + scale
         lines += ["", f"![scale]({stem}_scale.png)", ""]
+    if skipped:
+        lines += ["## Not runnable", ""]
+        lines += sorted({f"- {r['dataset']}, α = {r['alpha']}, {r['clients']} clients: "
+                         f"{r['skipped']}" for r in skipped}) + [""]
     path = out / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import mosquitto_files as mq
-from .broker import BrokerError, mosquitto_binary, wait_for_port
+from .broker import BrokerError, mosquitto_binary, stop_process, wait_for_port
 
 STAGED = (mq.CONF_NAME, mq.PASSWD_NAME, mq.ACL_NAME, mq.CA_NAME, mq.CERT_NAME, mq.KEY_NAME)
 RELOADED = (mq.PASSWD_NAME, mq.ACL_NAME)
@@ -123,13 +123,7 @@ class KitBroker:
             self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self._runtime is not None:
             shutil.rmtree(self._runtime, ignore_errors=True)
             self._runtime = None

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from fededge.broker import BrokerError, mosquitto_binary
 from fededge.client import DeviceIdentity, FederationClient, LocalData
 from fededge.config import FederationConfig
 from fededge.data import load_dataset, split_federated
@@ -85,3 +87,24 @@ def run_blocked(tmp_path: Path, blocked: list[str], args: list[str],
 def stdout_of(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def has_mosquitto() -> bool:
+    try:
+        mosquitto_binary()
+        return True
+    except BrokerError:
+        return False
+
+
+REQUIRES_MOSQUITTO = [pytest.mark.mosquitto,
+                      pytest.mark.skipif(not has_mosquitto(),
+                                         reason="mosquitto not installed (make test installs it)")]
+"""``pytestmark`` of test modules that run a real Mosquitto."""
+
+
+def requires_mosquitto(test):
+    """The same marks on one test function."""
+    for mark in REQUIRES_MOSQUITTO:
+        test = mark(test)
+    return test

@@ -10,20 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fededge.broker import BrokerError, mosquitto_binary
 from fededge.transport import MqttTransport, TlsConfig
+
+from helpers import has_mosquitto  # noqa: F401  (re-exported for the kit tests)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "federation.toml"
 DEVICES = ("pi5-kitchen", "jetson-lab", "gateway-1")
-
-
-def has_mosquitto() -> bool:
-    try:
-        mosquitto_binary()
-        return True
-    except BrokerError:
-        return False
 
 
 def federation_file(tmp: Path, *, port: int = 8883, extra_device: bool = False,

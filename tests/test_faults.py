@@ -7,21 +7,13 @@ import json
 
 import pytest
 
-from fededge.broker import BrokerError, mosquitto_binary
 from fededge.node import Fleet
 from fededge.simulate import SimulationOptions, run_simulation
 
-
-def _has_mosquitto() -> bool:
-    try:
-        mosquitto_binary()
-        return True
-    except BrokerError:
-        return False
+from helpers import REQUIRES_MOSQUITTO
 
 
-pytestmark = [pytest.mark.mosquitto,
-              pytest.mark.skipif(not _has_mosquitto(), reason="mosquitto not installed")]
+pytestmark = REQUIRES_MOSQUITTO
 
 CLIENTS, ROUNDS, DEADLINE, SEED = 3, 4, 20.0, 1
 PROFILES = ["pi-zero-2w", "pi-4-4gb", "pi-5-8gb"]

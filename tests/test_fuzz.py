@@ -11,34 +11,24 @@ import struct
 import threading
 
 import numpy as np
-import pytest
 from safetensors.numpy import save as st_save
 
 from fededge import protocol as proto
-from fededge.broker import BrokerError, MosquittoBroker, mosquitto_binary
+from fededge.broker import MosquittoBroker
 from fededge.client import FederationClient
 from fededge.server import FederationServer, ServerEvents
 from fededge.store import Store
 from fededge.strategy import FedMDServer, Payload, announced_rows
 from fededge.transport import MqttTransport
 
-from helpers import make_client, small_config, small_split
+from helpers import REQUIRES_MOSQUITTO, make_client, small_config, small_split
 
 N_CLIENTS = 3
 MAX_PAYLOAD = 256 * 1024
 HOSTILE = 1100
 
 
-def _has_mosquitto() -> bool:
-    try:
-        mosquitto_binary()
-        return True
-    except BrokerError:
-        return False
-
-
-pytestmark = [pytest.mark.mosquitto,
-              pytest.mark.skipif(not _has_mosquitto(), reason="mosquitto not installed")]
+pytestmark = REQUIRES_MOSQUITTO
 
 
 class HostilePayloads:

@@ -6,18 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from fededge.broker import mosquitto_binary, BrokerError
 from fededge.simulate import SimulationError, SimulationOptions, run_simulation
+
+from helpers import requires_mosquitto
 
 PROFILES = ["pi-zero-2w", "pi-4-4gb", "pi-5-8gb"]
 
-
-def _has_mosquitto() -> bool:
-    try:
-        mosquitto_binary()
-        return True
-    except BrokerError:
-        return False
 
 
 def _run(tmp_path: Path, broker: str):
@@ -54,8 +48,7 @@ def test_federation_over_embedded_amqtt(tmp_path):
     _check(_run(tmp_path, "embedded"))
 
 
-@pytest.mark.mosquitto
-@pytest.mark.skipif(not _has_mosquitto(), reason="mosquitto not installed (make test installs it)")
+@requires_mosquitto
 def test_federation_over_mosquitto(tmp_path):
     _check(_run(tmp_path, "mosquitto"))
 
