@@ -43,9 +43,19 @@ test: $(STAMP) mosquitto
 # 3 label skews x 3 seeds, codecs, aggregators, and 10/50/100 clients in one process: ~4 hours
 # on an idle 2-core machine; it resumes where it stopped (benchmarks/results/suite.jsonl).
 # BENCH_ARGS=--quick is the CI smoke (digits, alpha 0.5, seed 0, 3 rounds, ~2 minutes; .ci/run
-# runs it after the tests and it fails when fedmd stops learning or loses its 50x traffic cut).
+# runs it after the tests and it fails when fedmd stops learning or int8 loses its 50x traffic cut).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_suite.py $(BENCH_ARGS)
+
+# The edge agent on an emulated arm64 Debian (debootstrap + qemu-user-static, as root; not part
+# of `make test`): deploy over a real Mosquitto, agent and infer in the chroot, logits compared
+# with x86 onnxruntime. The rootfs and wheels are cached in ARM64_CACHE: ~15 minutes cold,
+# ~4 minutes cached (see README). ARM64_ARGS: --rebuild, --skip-delivery, --samples N.
+ARM64_CACHE ?= $(HOME)/.cache/fededge/arm64
+ARM64_ARGS  ?=
+.PHONY: test-arm64
+test-arm64: $(STAMP) mosquitto
+	$(PY) tests/arm64/run_arm64.py --cache "$(ARM64_CACHE)" $(ARM64_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
