@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .cli_model import export_cmd, infer_cmd
+from .cli_output import console, fail
 from .report import human_bytes, rounds_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated knowledge distillation for heterogeneous edge devices.")
-console = Console()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -37,11 +36,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (UnknownAggregatorError, BrokerError, ConfigError, DataError, UnknownStudentError,
             ProfileError, FederationError, SimulationError, UnknownStrategyError, TransportError)
-
-
-def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(code=2)
 
 
 @app.callback()
@@ -62,7 +56,7 @@ def devices(data: Optional[str] = typer.Option(
         dataset = load_dataset(data)
         choices = describe_catalog(tuple(dataset.input_shape), dataset.num_classes)
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"Device profiles → students for {dataset.name} "
                         f"(input {'×'.join(map(str, dataset.input_shape))}, "
                         f"{dataset.num_classes} classes)")
@@ -147,7 +141,7 @@ def simulate(
             result = run_simulation(opts, on_round)
         except _user_errors() as exc:
             progress.stop()
-            _fail(exc)
+            fail(exc)
     _print_simulation(result)
 
 
@@ -160,7 +154,7 @@ def _settings(items: list[str]) -> dict[str, object]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            _fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+            fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
         try:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:

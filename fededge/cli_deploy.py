@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .cli_kit import _fail, console
+from .cli_output import console, fail
 from .delivery import DEFAULT_CHUNK_BYTES, DeliveryError
 from .install import InstallError, Installs
 from .kit import KitError, load_kit
@@ -48,7 +48,7 @@ def deploy_cmd(
             results = deploy(export_dir, kit, devices or [], chunk_bytes=chunk_bytes,
                              timeout=timeout, wait=wait)
     except (DeployError, DeliveryError, KitError, PkiError, TransportError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title="Deployed, retained on the broker until replaced (cleared: stale "
                         "chunks of earlier versions)")
     for col in ["device", "version", "files", "bytes", "chunks", "cleared"] + (
@@ -56,7 +56,8 @@ def deploy_cmd(
         text = col in ("device", "version", "agent")
         table.add_column(col, justify="left" if text else "right", overflow="fold")
     for r in results:
-        table.add_row(r.device, r.version, str(r.files), human_bytes(r.bytes), str(r.chunks),
+        device = r.device if r.source is None else f"{r.device} (model of {r.source})"
+        table.add_row(device, r.version, str(r.files), human_bytes(r.bytes), str(r.chunks),
                       str(r.cleared), *([r.agent] if wait else []))
     console.print(table)
     if wait and any(r.agent != "installed" for r in results):
@@ -81,7 +82,7 @@ def agent_cmd(
     """Receive, verify and install this device's models; serve the installed one."""
     if rollback:
         if once or http is not None or timeout is not None:
-            _fail(ValueError("--rollback changes the installed version and exits; drop --once, "
+            fail(ValueError("--rollback changes the installed version and exits; drop --once, "
                              "--http and --timeout"))
         _rollback(kit)
         return
@@ -92,7 +93,7 @@ def agent_cmd(
         agent = Agent(load_kit(kit), events=lambda line: console.print(line, highlight=False))
         agent.start()
     except (KitError, ProfileError, InstallError, TransportError) as exc:
-        _fail(exc)
+        fail(exc)
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run `finally`
     server, outcome = None, None
     try:
@@ -100,7 +101,7 @@ def agent_cmd(
             try:
                 server = serve(agent, bind, http)
             except OSError as exc:
-                _fail(ValueError(f"--http {http}: cannot listen on {bind}:{http} "
+                fail(ValueError(f"--http {http}: cannot listen on {bind}:{http} "
                                  f"({exc.strerror}); choose another port"))
             agent.http_port = server.server_address[1]
             console.print(f"serving http://{bind}:{agent.http_port}/predict and /health",
@@ -119,18 +120,12 @@ def agent_cmd(
     if not once:
         return
     if outcome is None:
-        _fail_once(f"no deployment arrived within {timeout:g} s" if timeout is not None
+        fail(code=1, problem=f"no deployment arrived within {timeout:g} s" if timeout is not None
                    else "stopped before a deployment arrived")
     if outcome.rejected:
-        _fail_once(f"refused the deployment: {outcome.rejected}")
+        fail(code=1, problem=f"refused the deployment: {outcome.rejected}")
     console.print(f"{'already ' if outcome.already else ''}installed {outcome.installed}",
                   highlight=False)
-
-
-def _fail_once(reason: str) -> None:
-    """``--once`` without an installed bundle: exit 1 (a verdict, not a usage error)."""
-    console.print(f"[bold red]error:[/] {reason}", highlight=False)
-    raise typer.Exit(code=1)
 
 
 def _rollback(kit: Path) -> None:
@@ -138,7 +133,7 @@ def _rollback(kit: Path) -> None:
         load_kit(kit)
         pointer = Installs.of_kit(kit).rollback()
     except (KitError, InstallError) as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"rolled back: serving {pointer.current} instead of {pointer.previous}; "
                   f"{pointer.previous} will not be re-installed from its retained deployment "
                   "(deploy a new bundle to move on)", highlight=False)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-console = Console(soft_wrap=True)  # long paths stay on one line, whole
+from .cli_output import console, fail, pct
+
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -37,15 +38,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UnknownAggregatorError, BrokerError, ConfigError, DataError, FederationFileError,
             KitError, ManifestError, UnknownStudentError, PkiError, ProfileError, ProvisionError,
             FederationError, StoreError, UnknownStrategyError, TransportError)
-
-
-def _fail(exc: BaseException) -> NoReturn:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def _privacy_line(report: dict | None) -> str:
@@ -73,13 +65,17 @@ def provision_cmd(
 
         result = provision(federation_file, out, revoke or [])
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title=f"Kits of federation {result.config.federation!r} in {result.out}")
-    for col in ("device", "profile", "student", "credentials"):
+    for col in ("device", "profile", "role", "student", "credentials"):
         table.add_column(col)
     for d in result.devices:
-        table.add_row(d.id, d.profile, d.student, d.status)
+        student = d.student if d.model_from is None else f"{d.student} (model of {d.model_from})"
+        table.add_row(d.id, d.profile, d.role, student, d.status)
     console.print(table)
+    for d in result.devices:
+        if d.note:
+            console.print(f"[yellow]note:[/] {escape(d.note)}", highlight=False)
     for device in result.revoked:
         console.print(f"revoked {device}: removed from the password file and ACL, kit deleted; "
                       "reload the broker (SIGHUP or `systemctl reload fededge-broker`)")
@@ -101,7 +97,7 @@ def verify_kit_cmd(
     try:
         checked, problems = verify_manifest(directory)
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     for problem in problems:
         console.print(f"[bold red]tampered:[/] {directory}/{problem}", highlight=False)
     if problems:
@@ -123,7 +119,7 @@ def broker_cmd(
     from .broker import EmbeddedBroker, MosquittoBroker
 
     if kit is not None and embedded is not None:
-        _fail(ValueError("--kit runs the kit's Mosquitto; drop --embedded/--mosquitto"))
+        fail(ValueError("--kit runs the kit's Mosquitto; drop --embedded/--mosquitto"))
     if kit is not None:
         from .broker_kit import KitBroker
 
@@ -133,13 +129,13 @@ def broker_cmd(
                 f"mosquitto from {kit} listening on {b.host}:{b.port} (TLS; Ctrl-C to stop, "
                 "SIGHUP reloads passwords and ACL)", highlight=False))
         except _user_errors() as exc:
-            _fail(exc)
+            fail(exc)
         raise typer.Exit(code=code if code > 0 else 0)
     try:
         dev = (EmbeddedBroker(host, port) if embedded in (None, True)
                else MosquittoBroker(port=port, host=host)).start()
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"{'amqtt' if embedded in (None, True) else 'mosquitto'} development broker "
                   f"listening on {host}:{port}, anonymous, no TLS (Ctrl-C to stop)")
     try:
@@ -173,7 +169,7 @@ def server_cmd(
         done = run_server(loaded, state=state, join_timeout=join_timeout,
                           events=ServerEvents(on_round_closed=closed))
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     console.print(rounds_table(done.rows, title="Per-round results (all devices)"))
     console.print(f"federation done: {done.rounds} rounds, {done.accepted} uploads accepted, "
                   f"{done.rejected} rejected", highlight=False)
@@ -190,20 +186,20 @@ def client_cmd(
 ) -> None:
     """Run one device from its kit until the federation's last round."""
     from .kit import load_kit
-    from .runner import run_client
+    from .runner import device_kit, run_client
 
     def progress(entry: dict) -> None:
         label = "warm-up" if entry["round"] == 0 else f"round {entry['round']}"
-        console.print(f"{label}: accuracy {_pct(entry.get('accuracy'))}", highlight=False)
+        console.print(f"{label}: accuracy {pct(entry.get('accuracy'))}", highlight=False)
     try:
-        loaded = load_kit(kit)
+        loaded = device_kit(load_kit(kit))
         console.print(f"device {loaded.device!r} ({loaded.profile}, {loaded.student}) joining "
                       f"{loaded.federation!r} at {loaded.broker.host}:{loaded.broker.port}",
                       highlight=False)
         result = run_client(loaded, data=data, state=state, threads=threads,
                             on_progress=progress)
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     last = result.client.history[-1] if result.client.history else {}
-    console.print(f"federation done: final accuracy {_pct(last.get('accuracy'))}; "
+    console.print(f"federation done: final accuracy {pct(last.get('accuracy'))}; "
                   f"{_privacy_line(result.privacy)}", highlight=False)

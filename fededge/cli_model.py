@@ -8,14 +8,14 @@ the exporter (and with it torch) lazily.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import runtime
+from .cli_output import console, fail, pct
 from .install import InstallError, Installs
 from .kit import CLIENT_FILE, KitError, load_kit
 from .profiles import ProfileError, get_profile, usable_threads
@@ -24,16 +24,6 @@ from .report import human_bytes
 if TYPE_CHECKING:
     from .export import ExportResult
 
-console = Console()
-
-
-def _fail(exc: BaseException) -> NoReturn:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def export_cmd(
@@ -54,7 +44,7 @@ def export_cmd(
             results = export_run(run_dir, device=device, all_devices=all_devices,
                                  quantize=quantize, out=out)
     except (ExportError, OSError) as exc:  # OSError: e.g. an --out the user cannot write to
-        _fail(exc)
+        fail(exc)
     console.print(_export_table(results))
     for r in results:
         if r.int8 is not None and r.int8.quantized_layers == 0:
@@ -82,7 +72,7 @@ def _export_table(results: list[ExportResult]) -> Table:
         table.add_row(
             r.device, r.student, f"{r.params:,}", human_bytes(r.fp32_bytes),
             "—" if q is None else f"{human_bytes(q.bytes)} ({100 * q.size_ratio:.0f}%)",
-            _pct(r.accuracy), "—" if q is None else _pct(q.accuracy),
+            pct(r.accuracy), "—" if q is None else pct(q.accuracy),
             "—" if q is None else f"{100 * q.accuracy_delta:+.1f}", f"{r.max_abs_diff:.1e}")
     return table
 
@@ -109,7 +99,7 @@ def infer_cmd(
             np.save(save_logits, report.logits)
     # OSError: e.g. an unreadable file; the others only for a kit (its installed model)
     except (runtime.InferenceError, OSError, KitError, InstallError, ProfileError) as exc:
-        _fail(exc)
+        fail(exc)
     shown = min(show, len(report.labels))
     console.print(f"{report.model_file} ({model_dir.name}): {len(report.labels)} samples, "
                   f"first {shown} predictions", highlight=False)

@@ -32,16 +32,13 @@ from cryptography import x509
 
 from . import pki
 from .runtime import MANIFEST
-from .topics import ProtocolError, validate_id
+from .topics import MAX_CHUNKS, ProtocolError, validate_id
 
 FORMAT = "fededge-deploy/1"
 DEFAULT_CHUNK_BYTES = 128 * 1024
 """Below the tightest common broker limit (AWS IoT Core's 128 KB message size)."""
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 """A device holds a whole bundle in memory while it arrives; refuse descriptors above this."""
-MAX_CHUNKS = 500
-"""A subscriber gets every retained chunk at once, and Mosquitto drops QoS-1 messages past a
-client's queue (at least 1000 in fededge's conf): keep a bundle well below that."""
 MAX_SEAL_BYTES = 4 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -11,6 +11,10 @@ The command connects as ``server@deploy`` (``topics.role_user``): a second user,
 knocks a running federation server off the broker, and one whose ACL allows nothing but the
 deploy topics and the agents' reports. It signs with the server kit's code-signing certificate
 (``deploy.crt``), so the CA key stays with the operator.
+
+An agent-only device (the server kit's ``[agents]``) has no training run and so no export of
+its own: it receives the bundle of its ``model_from`` device, signed for its own name, so the
+agent's device check holds as for every other device.
 """
 
 from __future__ import annotations
@@ -50,14 +54,16 @@ class Deployment:
     chunks: int
     cleared: int                 # retained chunks of earlier versions deleted
     agent: str | None = None     # with ``wait``: installed, rejected (reason) or no report
+    source: str | None = None    # an agent-only device: whose exported model it received
 
 
 def deploy(export_dir: str | Path, kit_dir: str | Path, devices: Sequence[str] = (), *,
            chunk_bytes: int = delivery.DEFAULT_CHUNK_BYTES, timeout: float = 60.0,
            wait: float = 0.0) -> list[Deployment]:
-    """Publish the bundles of ``devices`` (default: every device of the federation with one in
-    ``export_dir``) and return once the broker acknowledged every message; with ``wait`` > 0,
-    also wait that many seconds for each device's agent to report on the new version."""
+    """Publish the bundles of ``devices`` (default: every device of the federation whose bundle,
+    or its ``model_from`` device's, is in ``export_dir``) and return once the broker
+    acknowledged every message; with ``wait`` > 0, also wait that many seconds for each
+    device's agent to report on the new version."""
     export_dir = Path(export_dir)
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise DeployError(f"--chunk-bytes {chunk_bytes}: use {MIN_CHUNK_BYTES} to "
@@ -69,7 +75,8 @@ def deploy(export_dir: str | Path, kit_dir: str | Path, devices: Sequence[str] =
     signer = load_signer(kit)
     targets = _targets(export_dir, kit, devices)
     when = dt.datetime.now(dt.timezone.utc)
-    bundles = {d: delivery.describe(kit.federation, d, read_bundle(export_dir / d, kit),
+    bundles = {d: delivery.describe(kit.federation, d,
+                                    read_bundle(export_dir / kit.bundle_source(d), kit),
                                     chunk_bytes=chunk_bytes, when=when) for d in targets}
     topics = Topics(kit.federation)
     transport = connect(kit, role=DEPLOY_ROLE)
@@ -92,7 +99,8 @@ def deploy(export_dir: str | Path, kit_dir: str | Path, devices: Sequence[str] =
             for topic in stale:
                 transport.publish(topic, b"", retain=True)
             results.append(Deployment(device, descriptor.version, len(descriptor.files),
-                                      descriptor.bundle_bytes, len(chunks), len(stale)))
+                                      descriptor.bundle_bytes, len(chunks), len(stale),
+                                      source=kit.agents.get(device)))
         if not transport.flush(timeout):
             raise TransportError(f"the broker at {kit.broker.host}:{kit.broker.port} did not "
                                  f"acknowledge every message within {timeout:.0f} s; deploy "
@@ -122,17 +130,22 @@ def _targets(export_dir: Path, kit: Kit, devices: Sequence[str]) -> list[str]:
     if not export_dir.is_dir():
         raise DeployError(f"{export_dir}: no such export directory; pass the --out of "
                           "`fededge export` (it holds one directory per device)")
-    known = ", ".join(kit.devices)
+    every = [*kit.devices, *kit.agents]
+    known = ", ".join(every)
+
+    def exported(device: str) -> bool:
+        return (export_dir / kit.bundle_source(device) / runtime.MANIFEST).is_file()
     for device in devices:
-        if device not in kit.devices:
+        if device not in every:
             raise DeployError(f"--device {device}: not a device of federation "
                               f"{kit.federation!r} (its devices: {known})")
-        if not (export_dir / device / runtime.MANIFEST).is_file():
-            raise DeployError(f"{export_dir / device}: no exported bundle for device "
-                              f"{device!r}; export its student to {export_dir}/{device}/ "
-                              "(`fededge export` writes OUT/<device>/)")
-    found = list(devices) or [d for d in kit.devices
-                              if (export_dir / d / runtime.MANIFEST).is_file()]
+        if not exported(device):
+            source = kit.bundle_source(device)
+            whose = "" if source == device else f" (it runs the model of {source!r})"
+            raise DeployError(f"{export_dir / source}: no exported bundle for device "
+                              f"{device!r}{whose}; export the student of {source!r} to "
+                              f"{export_dir}/{source}/ (`fededge export` writes OUT/<device>/)")
+    found = list(devices) or [d for d in every if exported(d)]
     if not found:
         raise DeployError(f"{export_dir}: no bundle for any device of federation "
                           f"{kit.federation!r} ({known}); `fededge export` writes them as "

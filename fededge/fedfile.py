@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
 
 from .config import FederationConfig
 from .data import PARTITIONERS
+from .kit import ROLES
 from .protocol import SERVER_ID, ProtocolError, validate_id
 
 # Settings provision derives (from the dataset, the federation name or each run), so a
@@ -94,6 +95,9 @@ class DeviceSpec:
     profile: str
     student: str | None = None  # override of the student picked from the profile
     data: str | None = None     # path of the device's private .npz, on the device
+    role: str | None = None     # "client" (trains) or "agent" (only receives models); None:
+                                # by the profile's can_train (resolved in provision)
+    model_from: str | None = None  # an agent-only device runs this training device's model
     index: int = 0              # position among [[devices]], for line lookups
 
 
@@ -231,9 +235,10 @@ def _devices(read: _Reader, raw: Any) -> tuple[DeviceSpec, ...]:
     seen: dict[str, int] = {}
     devices = []
     for index, entry in enumerate(raw):
-        values = read.table(entry, "devices", {"id": _STR, "profile": _STR, "student": _STR,
-                                               "data": _STR},
-                            required=("id", "profile"), index=index)
+        values = read.table(entry, "devices", {
+            "id": _STR, "profile": _STR, "student": _STR, "data": _STR, "model_from": _STR,
+            "role": (f"one of {', '.join(map(repr, ROLES))}", lambda v: v in ROLES),
+        }, required=("id", "profile"), index=index)
         device = DeviceSpec(**values, index=index)
         try:
             validate_id(device.id)
@@ -250,4 +255,19 @@ def _devices(read: _Reader, raw: Any) -> tuple[DeviceSpec, ...]:
                                               f"on line {first}); ids must be unique", index)
         seen[device.id] = index
         devices.append(device)
+    for device in devices:
+        _check_model_from(read, device, seen)
     return tuple(devices)
+
+
+def _check_model_from(read: _Reader, device: DeviceSpec, ids: dict[str, int]) -> None:
+    """``model_from`` names another listed device (whether that one trains is provision's
+    check: it depends on the profile catalog)."""
+    source = device.model_from
+    if source is None:
+        return
+    if source == device.id or source not in ids:
+        what = "the device itself" if source == device.id else "no device of this file"
+        raise read.error("devices", "model_from", f"device {device.id!r}: model_from "
+                                                  f"{source!r} is {what}; name a device that "
+                                                  "trains", device.index)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from .topics import SERVER_ID
+from .topics import AGENT_ROLE, SERVER_ID
 
 CLIENT_FILE, SERVER_FILE = "client.toml", "server.toml"
 PASSWORD_FILE, CA_FILE, CERT_FILE, KEY_FILE = "password", "ca.crt", "client.crt", "client.key"
@@ -24,6 +25,10 @@ DEPLOY_CERT_FILE, DEPLOY_KEY_FILE = "deploy.crt", "deploy.key"  # server kit: si
 DATASET_FILE = "dataset.npz"   # a federation's .npz dataset, when it is not a built-in one
 MANIFEST_FILE = "manifest.json"
 STATE_DIR = "state"            # runtime output (checkpoints) below a kit; not part of the kit
+# A device kit's role: a training client (which may also run the edge agent beside it), or an
+# agent-only device that trains nothing and runs the model of a training device (``model_from``).
+CLIENT_ROLE = "client"
+ROLES = (CLIENT_ROLE, AGENT_ROLE)
 
 
 class KitError(ValueError):
@@ -67,11 +72,23 @@ class Kit:
     seed: int = 0                # student initialisation seed
     shard: int | None = None     # demo shard of the split, when the device brings no data
     data: str | None = None      # path of the device's private .npz, on the device
-    devices: tuple[str, ...] = ()  # server kit: the federation's devices
+    devices: tuple[str, ...] = ()  # server kit: the devices that train (the server waits for)
+    role: str = CLIENT_ROLE      # device kit; kits written before roles existed train
+    model_from: str | None = None  # agent-only device: the training device whose model it runs
+    agents: dict[str, str] = field(default_factory=dict)  # server kit: agent-only → model_from
 
     @property
     def is_server(self) -> bool:
         return self.device == SERVER_ID
+
+    @property
+    def trains(self) -> bool:
+        """A device kit that takes part in training (``fededge client``)."""
+        return not self.is_server and self.role == CLIENT_ROLE
+
+    def bundle_source(self, device: str) -> str:
+        """Server kit: whose exported model ``device`` receives (its own, or its model_from)."""
+        return self.agents.get(device, device)
 
     @property
     def file(self) -> Path:
@@ -98,11 +115,14 @@ class Kit:
         if self.is_server:
             top["devices"] = list(self.devices)
         else:
-            top.update(profile=self.profile, student=self.student, seed=self.seed)
-            top.update({"shard": self.shard} if self.shard is not None else {})
-            top.update({"data": self.data} if self.data is not None else {})
+            top.update(role=self.role, profile=self.profile, student=self.student)
+            top.update({"seed": self.seed} if self.trains else {})
+            optional = {"shard": self.shard, "data": self.data, "model_from": self.model_from}
+            top.update({key: value for key, value in optional.items() if value is not None})
         tables = {"broker": vars(self.broker), "dataset": vars(self.dataset),
                   "config": self.config}
+        if self.agents:
+            tables["agents"] = self.agents
         return _dump_toml(header, top, tables)
 
 
@@ -122,7 +142,8 @@ def load_kit(directory: str | Path) -> Kit:
                   config=raw["config"], profile=raw.get("profile", ""),
                   student=raw.get("student", ""), seed=raw.get("seed", 0),
                   shard=raw.get("shard"), data=raw.get("data"),
-                  devices=tuple(raw.get("devices", ())))
+                  devices=tuple(raw.get("devices", ())), role=raw.get("role", CLIENT_ROLE),
+                  model_from=raw.get("model_from"), agents=dict(raw.get("agents", {})))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise KitError(f"{path}: unreadable ({exc})") from None
     except (KeyError, TypeError) as exc:
@@ -130,6 +151,9 @@ def load_kit(directory: str | Path) -> Kit:
             from None
     if (path.name == SERVER_FILE) != kit.is_server:
         raise KitError(f"{path}: device {kit.device!r} does not belong in {path.name}")
+    if kit.role not in ROLES:
+        raise KitError(f"{path}: role {kit.role!r} is not one of {', '.join(ROLES)}; "
+                       "re-provision the kit")
     return kit
 
 
@@ -151,7 +175,13 @@ def _toml_value(value: Any) -> str:
 def _dump_toml(header: str, top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> str:
     """Flat TOML (scalars, lists, one level of tables): all a kit needs, no writer dependency."""
     out = [f"# {line}".rstrip() for line in header.splitlines()]
-    out += [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in top.items()]
     for name, table in tables.items():
-        out += ["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+        out += ["", f"[{name}]",
+                *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())]
     return "\n".join(out) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    """A bare key when TOML allows one; device ids (keys of ``[agents]``) may hold dots."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 
+from .config import FederationConfig
 from .protocol import DEFAULT_MAX_PAYLOAD
-from .topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, Topics, role_user
+from .topics import AGENT_ROLE, DEPLOY_ROLE, MAX_CHUNKS, SERVER_ID, Topics, role_user
 
 # Mosquitto 2's ``$7$`` password hash: PBKDF2-HMAC-SHA512 with these parameters is what
 # ``mosquitto_passwd`` writes (mosquitto 2.0 src/password_mosq.c), so files are byte-compatible
@@ -71,21 +74,23 @@ def render_passwd(passwords: dict[str, str], previous: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def broker_users(passwords: dict[str, str]) -> dict[str, str]:
+def broker_users(passwords: dict[str, str], agents: Collection[str] = ()) -> dict[str, str]:
     """Every MQTT user of a federation from its parties' passwords: each party, plus
     ``server@deploy`` for ``fededge deploy`` and ``<device>@agent`` for each device's edge
-    agent (see ``topics.role_user``), which log in with their party's password."""
-    users = dict(passwords)
+    agent (see ``topics.role_user``), which log in with their party's password. An agent-only
+    device (in ``agents``) gets only its ``<device>@agent`` user: it never trains."""
+    users = {party: password for party, password in passwords.items() if party not in agents}
     for party, password in passwords.items():
         users[role_user(party, DEPLOY_ROLE if party == SERVER_ID else AGENT_ROLE)] = password
     return users
 
 
-def render_acl(federation: str, devices: list[str]) -> str:
+def render_acl(federation: str, devices: list[str], agents: Collection[str] = ()) -> str:
     """Per-user topic rules; Mosquitto denies whatever a user's block does not grant.
 
     Explicit ``user`` blocks rather than one ``%u`` pattern: the server gets different rights
     from devices, and revoking a device removes its blocks, so the ACL alone locks it out.
+    ``devices`` train; ``agents`` (agent-only devices) get only their edge agent's block.
     """
     t = Topics(federation)
     shared = (t.config, t.round, t.consensus)
@@ -97,7 +102,8 @@ def render_acl(federation: str, devices: list[str]) -> str:
         "# that write). The server reads every upload and presence, writes the shared topics.",
         "# Model delivery: `fededge deploy` (server@deploy) writes the deploy topics and reads the",
         "# agents' reports; each device's edge agent (<device>@agent) reads only its own deploy",
-        "# topics and writes only its own report.",
+        "# topics and writes only its own report. Agent-only devices (no training) have only",
+        "# that agent user.",
         "",
         f"user {SERVER_ID}",
         f"topic read {t.all_up}",
@@ -108,38 +114,56 @@ def render_acl(federation: str, devices: list[str]) -> str:
         f"topic readwrite {t.all_deploy}",
         f"topic read {t.agent_status('+')}",
     ]
-    for device in sorted(devices):
-        out += ["", f"user {device}", *(f"topic read {topic}" for topic in shared),
-                f"topic write {t.up(device)}", f"topic write {t.presence(device)}",
-                "", f"user {role_user(device, AGENT_ROLE)}",
+    for device in sorted({*devices, *agents}):
+        if device not in agents:
+            out += ["", f"user {device}", *(f"topic read {topic}" for topic in shared),
+                    f"topic write {t.up(device)}", f"topic write {t.presence(device)}"]
+        out += ["", f"user {role_user(device, AGENT_ROLE)}",
                 f"topic read {t.deploy_tree(device)}",
                 f"topic write {t.agent_status(device)}"]
     return "\n".join(out) + "\n"
 
 
-def queue_size(devices: int, rounds: int, max_attempts: int) -> int:
-    """``max_queued_messages`` that holds every message one client could be sent in a whole
-    federation: per round up to ``max_attempts`` announcements and uploads, a consensus, metrics
-    and a presence; for every party (devices and server); doubled as a margin."""
-    per_round = 2 * max_attempts + 3
-    return max(DEFAULT_QUEUE, 2 * (devices + 1) * (rounds + 1) * per_round)
+def refreshes_per_attempt(config: FederationConfig) -> int:
+    """How often the server re-publishes its retained state while one round attempt is open
+    (every ``resend_s``, by default a quarter of ``deadline_s``; server.py ``_pump``)."""
+    return math.ceil(config.deadline_s / (config.resend_s or config.deadline_s / 4))
+
+
+def messages_per_round(config: FederationConfig) -> int:
+    """What one round can send a party: per attempt an announcement, an upload and 3 messages
+    (config, consensus, announcement) per re-publish; then a consensus, metrics, a presence."""
+    return config.max_attempts * (2 + 3 * refreshes_per_attempt(config)) + 3
+
+
+def queue_size(config: FederationConfig, devices: int, agents: int = 0) -> int:
+    """``max_queued_messages`` that holds every message one client could be sent.
+
+    Rounds: every round's messages (``messages_per_round``) of the whole federation, for every
+    party that trains (``devices`` and the server; agent-only devices take no part). Deploy:
+    ``fededge deploy`` reads every device's retained bundle (at most ``MAX_CHUNKS`` chunks and a
+    descriptor) at once, for training and agent-only devices alike. Both doubled as a margin.
+    """
+    rounds = 2 * (devices + 1) * (config.rounds + 1) * messages_per_round(config)
+    deploy = 2 * (devices + agents) * (MAX_CHUNKS + 1)
+    return max(DEFAULT_QUEUE, rounds, deploy)
 
 
 @dataclass(frozen=True)
 class ConfSettings:
-    federation: str
+    config: FederationConfig  # the federation's name and what sizes its queues
     bind: str
     tls_port: int
     plain_port: int        # 0: no plain listener
-    devices: int
-    rounds: int
-    max_attempts: int
+    devices: int           # devices that train
+    agents: int = 0        # agent-only devices
     user: str = "mosquitto"
 
 
 def render_conf(s: ConfSettings) -> str:
-    queued = queue_size(s.devices, s.rounds, s.max_attempts)
-    per_round = 2 * s.max_attempts + 3
+    c = s.config
+    queued = queue_size(c, s.devices, s.agents)
+    refreshes = refreshes_per_attempt(c)
     plain = ([
         "# Plain (unencrypted) listener, asked for with [broker] plain_port: loopback only, for",
         "# tools on this machine. Passwords and the ACL still apply.",
@@ -151,7 +175,7 @@ def render_conf(s: ConfSettings) -> str:
         "",
     ])
     return "\n".join([
-        f"# Mosquitto 2 configuration of fededge federation {s.federation!r}, written by",
+        f"# Mosquitto 2 configuration of fededge federation {c.federation!r}, written by",
         "# `fededge provision`. Re-run provision instead of editing (credentials are kept).",
         "#",
         "# Paths are relative to the directory mosquitto runs in: `fededge broker --kit DIR`",
@@ -187,11 +211,18 @@ def render_conf(s: ConfSettings) -> str:
         *plain,
         "# Mosquitto silently drops QoS-1 messages beyond max_queued_messages per client (its",
         "# default of 1000 delivered 1,668 of 2,000 in a burst here). Sized to hold everything one",
-        f"# client can be sent in this federation: 2 x ({s.devices} devices + server) x "
-        f"({s.rounds} rounds + 1)",
-        f"# x {per_round} messages per round ({s.max_attempts} attempts x (announcement + upload)"
-        " + consensus,",
-        "# metrics, presence), at least 1000. Re-provisioning resizes it.",
+        "# client can be sent in this federation, the larger of:",
+        f"# - rounds: 2 x ({s.devices} training devices + server) x ({c.rounds} rounds + 1) x "
+        f"{messages_per_round(c)}",
+        f"#   messages per round: {c.max_attempts} attempts x (announcement + upload + 3 x "
+        f"{refreshes} re-publishes",
+        f"#   of config, consensus and announcement: one every resend_s while the attempt's "
+        f"{c.deadline_s:g} s",
+        "#   deadline runs) + consensus, metrics, presence;",
+        f"# - deploy: 2 x ({s.devices} training + {s.agents} agent-only devices) x "
+        f"({MAX_CHUNKS} chunks + descriptor),",
+        "#   the retained bundles `fededge deploy` reads at once;",
+        "# and at least 1000. Re-provisioning resizes it.",
         f"max_queued_messages {queued}",
         "max_queued_bytes 0",
         "# fededge's payload limit (protocol.DEFAULT_MAX_PAYLOAD) plus headers; larger packets are",

@@ -324,7 +324,7 @@ def pick_student(
     for name in reversed(zoo):
         cost = models.estimate_cost(name, input_shape, num_classes)
         latency = estimate_latency_ms(cost, profile)
-        if not _exceeded_budgets(cost, latency, profile):
+        if not _exceeded_budgets(cost, latency, profile, trains=profile.can_train):
             return StudentChoice(profile, name, cost, latency, not profile.can_train)
     raise NoStudentFitsError(_no_fit_message(profile, zoo[0], input_shape, num_classes))
 
@@ -348,10 +348,22 @@ def describe_catalog(
     return choices
 
 
-def _exceeded_budgets(
-    cost: models.StudentCost, latency_ms: float, profile: DeviceProfile
+def inference_exceeds(
+    profile: DeviceProfile, student: str, input_shape: Sequence[int], num_classes: int
 ) -> dict[str, str]:
-    """Each budget the student exceeds: 'budgets.<field>' → 'needs X, budget Y'."""
+    """The budgets ``student`` exceeds when ``profile`` only runs it (an agent-only device
+    receives a model trained elsewhere, so training memory does not count)."""
+    from fededge import models
+
+    cost = models.estimate_cost(student, input_shape, num_classes)
+    return _exceeded_budgets(cost, estimate_latency_ms(cost, profile), profile, trains=False)
+
+
+def _exceeded_budgets(
+    cost: models.StudentCost, latency_ms: float, profile: DeviceProfile, *, trains: bool
+) -> dict[str, str]:
+    """Each budget the student exceeds: 'budgets.<field>' → 'needs X, budget Y'; training
+    memory only when the device ``trains`` the student."""
     budgets = profile.budgets
     exceeded = {}
     if cost.params > budgets.max_params:
@@ -359,7 +371,7 @@ def _exceeded_budgets(
             f"needs {cost.params:,}, budget {budgets.max_params:,}"
         )
     train_mb = cost.train_memory_bytes / 2**20
-    if profile.can_train and train_mb > budgets.max_train_memory_mb:
+    if trains and train_mb > budgets.max_train_memory_mb:
         exceeded["budgets.max_train_memory_mb"] = (
             f"needs {train_mb:.1f}, budget {budgets.max_train_memory_mb:g}"
         )
@@ -376,7 +388,8 @@ def _no_fit_message(
     from fededge import models
 
     cost = models.estimate_cost(smallest, input_shape, num_classes)
-    exceeded = _exceeded_budgets(cost, estimate_latency_ms(cost, profile), profile)
+    exceeded = _exceeded_budgets(cost, estimate_latency_ms(cost, profile), profile,
+                                 trains=profile.can_train)
     details = "; ".join(f"{budget} ({detail})" for budget, detail in exceeded.items())
     where = _display(profile.path) if profile.path else f"the {profile.name!r} profile"
     return (

@@ -7,6 +7,12 @@ Output layout (``OUT``)::
     server/    server.toml, password, client certificate and key, ca.crt, the code-signing
                certificate and key for `fededge deploy`, start script, unit
     <device>/  client.toml, password, client certificate and key, ca.crt, start script, unit
+               (``fededge client``, or ``fededge agent`` for an agent-only device)
+
+A device trains (role ``client``) unless its profile cannot (``can_train = false``) or its
+``[[devices]]`` table says ``role = "agent"``: an agent-only device trains nothing, gets only the
+edge agent's broker user and runs the model of a training device (``model_from``, or the
+largest trained student its profile's budgets allow), which ``fededge deploy`` sends it.
 
 Every kit has a ``manifest.json`` and ``OUT/manifest.json`` covers all files. Provisioning is
 incremental: existing CA, passwords, keys and certificates are kept, so adding a device changes
@@ -31,12 +37,13 @@ from .config import ConfigError, FederationConfig
 from .data import DataError, FederatedSplit, load_dataset, split_federated
 from .fedfile import PRIVACY_KEYS, DeviceSpec, FederationSpec, load_federation_file
 from .files import private_dir, write_file, write_secret
-from .kit import (CA_FILE, CERT_FILE, CLIENT_FILE, DATASET_FILE, DEPLOY_CERT_FILE,
-                  DEPLOY_KEY_FILE, KEY_FILE, PASSWORD_FILE, BrokerAccess, DatasetRef, Kit)
+from .kit import (CA_FILE, CERT_FILE, CLIENT_FILE, CLIENT_ROLE, DATASET_FILE, DEPLOY_CERT_FILE,
+                  DEPLOY_KEY_FILE, KEY_FILE, PASSWORD_FILE, ROLES, STATE_DIR, BrokerAccess,
+                  DatasetRef, Kit)
 from .manifest import write_manifest
 from .models import zoo_for
-from .profiles import ProfileError, get_profile, pick_student
-from .topics import DEPLOY_ROLE, SERVER_ID, role_user
+from .profiles import DeviceProfile, ProfileError, get_profile, inference_exceeds, pick_student
+from .topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, role_user
 from .strategy import UnknownStrategyError, strategy_pair
 
 CA_DIR, BROKER_DIR = "ca", "broker"
@@ -56,6 +63,9 @@ class PartyPlan:
     profile: str
     student: str
     status: str              # "new" or "kept" (credentials)
+    role: str = CLIENT_ROLE  # or AGENT_ROLE: runs the model of ``model_from``, trains nothing
+    model_from: str | None = None
+    note: str | None = None  # e.g. an agent-only device's model beyond its profile's budgets
 
 
 @dataclass(frozen=True)
@@ -74,38 +84,41 @@ def provision(federation_file: str | Path, out: str | Path,
     out = Path(out)
     revoked = _revocations(spec, out, revoke or [])
     active = [d for d in spec.devices if d.id not in revoked]
-    if not active:
-        raise ProvisionError(f"{spec.path}: every device is revoked; add a device with a new id")
     _check_orphan_kits(spec, out, set(revoked))
+    roles = _roles(spec, active)
 
     dataset_path = _dataset_file(spec)
-    shard_devices = [d.id for d in active if d.data is None]
+    trainers = [d for d in active if roles[d.id] == CLIENT_ROLE]
+    shard_devices = [d.id for d in trainers if d.data is None]
     split = _split(spec, dataset_path, max(1, len(shard_devices)))
-    students = {d.id: _student(spec, d, split) for d in active}
+    students = {d.id: _student(spec, d, split) for d in trainers}
     config = _config(spec, split, students)
     _homogeneous(spec, config, students)
+    sources = {d.id: _model_from(spec, d, students, split, revoked)
+               for d in active if roles[d.id] == AGENT_ROLE}
 
     ca = _ca(out, spec.name)
-    access = {party: BrokerAccess(spec.broker.host, spec.broker.tls_port, party)
-              for party in [SERVER_ID, *students]}
     ref = DatasetRef(DATASET_FILE if dataset_path else spec.dataset.source,
                      spec.dataset.partition, float(spec.dataset.alpha), spec.dataset.seed,
                      max(1, len(shard_devices)), split.proxy_sha256)
     settings = {k: v for k, v in config.to_dict().items() if k != "run_id"}
-    kits = [Kit(out / SERVER_ID, spec.name, SERVER_ID, access[SERVER_ID], ref, settings,
-                devices=tuple(students))]
-    kits += [Kit(out / d.id, spec.name, d.id, access[d.id], ref, settings, profile=d.profile,
-                 student=students[d.id], seed=config.seed + d.index,
-                 shard=shard_devices.index(d.id) if d.data is None else None, data=d.data)
+
+    def party_kit(party: str, **fields) -> Kit:
+        access = BrokerAccess(spec.broker.host, spec.broker.tls_port, party)
+        return Kit(out / party, spec.name, party, access, ref, settings, **fields)
+    kits = [party_kit(SERVER_ID, devices=tuple(students), agents=sources)]
+    kits += [party_kit(d.id, profile=d.profile,
+                       **_device_fields(d, config.seed, students, sources, shard_devices))
              for d in active]
     plans, passwords = [], {}
-    for kit in kits:
-        is_new = not kit.file.exists()
-        passwords[kit.device] = _write_party_kit(kit, ca, spec, dataset_path)
-        if not kit.is_server:
-            plans.append(PartyPlan(kit.device, kit.profile, kit.student,
-                                   "new" if is_new else "kept"))
-    _write_broker_kit(out / BROKER_DIR, spec, ca, passwords, config)
+    for party in kits:
+        is_new = not party.file.exists()
+        passwords[party.device] = _write_party_kit(party, ca, spec, dataset_path)
+        if not party.is_server:
+            plans.append(PartyPlan(party.device, party.profile, party.student,
+                                   "new" if is_new else "kept", party.role, party.model_from,
+                                   _beyond_budgets(party, split)))
+    _write_broker_kit(out / BROKER_DIR, spec, ca, passwords, config, list(sources))
 
     # Only now, with the new password file and ACL written, record and apply revocations.
     write_file(out / CA_DIR / REVOKED_FILE, json.dumps(revoked, indent=2, sort_keys=True) + "\n")
@@ -154,6 +167,89 @@ def _check_orphan_kits(spec: FederationSpec, out: Path, revoked: set[str]) -> No
                 f"back, or revoke it with --revoke {kit.name}")
 
 
+def _roles(spec: FederationSpec, active: list[DeviceSpec]) -> dict[str, str]:
+    """Each active device's role: its ``role``, else by its profile's ``can_train``; and the
+    keys that only one role may use. At least one device must train."""
+    if not active:
+        raise ProvisionError(f"{spec.path}: every device is revoked; add a device with a new id")
+    roles = {}
+    for device in active:
+        can_train = _profile(spec, device).can_train
+        role = roles[device.id] = device.role or (CLIENT_ROLE if can_train else AGENT_ROLE)
+        wrong = _role_conflict(device, role, can_train)
+        if wrong is not None:
+            key, why = wrong
+            raise spec.error("devices", key, f"device {device.id!r}: {why}", device.index)
+    if CLIENT_ROLE not in roles.values():
+        raise ProvisionError(f"{spec.path}: no device trains (all are agent-only); add a "
+                             "[[devices]] table whose profile can train")
+    return roles
+
+
+def _role_conflict(device: DeviceSpec, role: str, can_train: bool) -> tuple[str, str] | None:
+    """The key that contradicts the device's role, and why; None if all agree."""
+    if role == CLIENT_ROLE and not can_train:
+        return "role", (f"profile {device.profile!r} cannot train (can_train = false); drop "
+                        'role = "client" to make it an agent-only device that receives models')
+    if role == CLIENT_ROLE and device.model_from is not None:
+        return "model_from", ('model_from is for agent-only devices; add role = "agent" or '
+                              "drop model_from")
+    if role == AGENT_ROLE and device.student is not None:
+        return "student", ("an agent-only device runs the student of its model_from device; "
+                           "drop student (or set model_from)")
+    if role == AGENT_ROLE and device.data is not None:
+        return "data", "an agent-only device trains nothing; drop data"
+    return None
+
+
+def _profile(spec: FederationSpec, device: DeviceSpec) -> DeviceProfile:
+    try:
+        return get_profile(device.profile)
+    except ProfileError as exc:
+        raise spec.error("devices", "profile", f"device {device.id!r}: {exc}",
+                         device.index) from None
+
+
+def _model_from(spec: FederationSpec, device: DeviceSpec, students: dict[str, str],
+                split: FederatedSplit, revoked: dict[str, dict]) -> str:
+    """The training device whose model an agent-only device runs: its ``model_from``, else
+    the one with the largest student (first in the file on a tie) whose inference fits the
+    device's budgets."""
+    source = device.model_from
+    if source is not None:
+        if source not in students:
+            why = "revoked" if source in revoked else "agent-only too"
+            raise spec.error("devices", "model_from", f"device {device.id!r}: model_from "
+                             f"{source!r} is {why}; name a device that trains "
+                             f"({', '.join(students)})", device.index)
+        return source
+    profile = _profile(spec, device)
+    zoo = zoo_for(split.input_shape)
+    fitting = [d for d, student in students.items() if not inference_exceeds(
+        profile, student, split.input_shape, split.num_classes)]
+    if not fitting:
+        smallest = min(students.values(), key=zoo.index)
+        raise spec.error("devices", "profile", f"device {device.id!r}: no trained student fits "
+                         f"the budgets of profile {profile.name!r} (the smallest, {smallest}, "
+                         "exceeds them); set model_from = \"<device>\" to run one anyway, or "
+                         "give a training device a smaller student", device.index)
+    return max(fitting, key=lambda d: zoo.index(students[d]))
+
+
+def _beyond_budgets(kit: Kit, split: FederatedSplit) -> str | None:
+    """A note when an agent-only device was given (``model_from``) a model its profile's
+    budgets would not pick: the operator's call, but worth saying."""
+    if kit.trains:
+        return None
+    exceeded = inference_exceeds(get_profile(kit.profile), kit.student, split.input_shape,
+                                 split.num_classes)
+    if not exceeded:
+        return None
+    details = "; ".join(f"{budget} {detail}" for budget, detail in exceeded.items())
+    return (f"{kit.device} runs {kit.model_from}'s {kit.student}, beyond the budgets of profile "
+            f"{kit.profile!r} ({details})")
+
+
 def _dataset_file(spec: FederationSpec) -> Path | None:
     """The .npz to ship in every kit, or None for a built-in dataset."""
     source = spec.dataset.source
@@ -175,11 +271,8 @@ def _split(spec: FederationSpec, dataset_path: Path | None, shards: int) -> Fede
 def _student(spec: FederationSpec, device: DeviceSpec, split: FederatedSplit) -> str:
     """The device's student: its override, else the largest that fits its profile."""
     try:
-        profile = get_profile(device.profile)
-        if not profile.can_train:
-            raise ProfileError(f"profile {profile.name!r} cannot train (can_train = false); "
-                               "only devices that train can join a federation")
         if device.student is None:
+            profile = get_profile(device.profile)
             return pick_student(profile, split.input_shape, split.num_classes).student
     except ProfileError as exc:
         raise spec.error("devices", "profile", f"device {device.id!r}: {exc}",
@@ -232,6 +325,17 @@ def _config(spec: FederationSpec, split: FederatedSplit,
             key = "aggregator"
         raise spec.error(table, short.get(key, key), str(exc)) from None
     return config
+
+
+def _device_fields(device: DeviceSpec, seed: int, students: dict[str, str],
+                   sources: dict[str, str], shards: list[str]) -> dict:
+    """What a device's kit says by role: an agent-only device's model source (and its
+    student), a training device's student, initialisation seed and data or demo shard."""
+    if device.id in sources:
+        source = sources[device.id]
+        return {"role": AGENT_ROLE, "model_from": source, "student": students[source]}
+    return {"student": students[device.id], "seed": seed + device.index, "data": device.data,
+            "shard": shards.index(device.id) if device.data is None else None}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -287,11 +391,12 @@ def _write_party_kit(kit: Kit, ca: pki.Identity, spec: FederationSpec,
         _identity(directory, DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, ca,
                   role_user(SERVER_ID, DEPLOY_ROLE), code_signing=True)
     write_file(directory / CA_FILE, ca.cert_pem)
-    if dataset_path is not None:
+    if dataset_path is not None and (kit.is_server or kit.trains):
         write_file(directory / DATASET_FILE, dataset_path.read_bytes())
-    role = "server" if kit.is_server else "client"
-    what = ("the federation server" if kit.is_server
-            else f"device {kit.device!r} (profile {kit.profile})")
+    else:  # a built-in dataset, or an agent-only device (it may have trained before)
+        (directory / DATASET_FILE).unlink(missing_ok=True)
+    role = "server" if kit.is_server else kit.role  # also the `fededge` command it runs
+    what = _describe(kit)
     write_file(kit.file, kit.to_toml(
         f"fededge kit of {what}, federation {spec.name!r}, written by `fededge provision`.\n"
         "Start it with ./start.sh (or the systemd unit beside it). Re-provision rather than\n"
@@ -299,24 +404,38 @@ def _write_party_kit(kit: Kit, ca: pki.Identity, spec: FederationSpec,
         "the broker and how to re-derive the federation's proxy set (checked by proxy_sha256)."))
     write_file(directory / "start.sh", _start_script(role, what, spec.name), executable=True)
     threads = get_profile(kit.profile).threads if not kit.is_server else None
+    for other in set(ROLES) - {role}:  # a device whose role changed: its old unit goes
+        (directory / f"fededge-{other}.service").unlink(missing_ok=True)
     write_file(directory / f"fededge-{role}.service", _unit(role, what, spec.name, threads))
     return password
 
 
+def _describe(kit: Kit) -> str:
+    """Who a kit belongs to, for its file headers."""
+    if kit.is_server:
+        return "the federation server"
+    if kit.trains:
+        return f"device {kit.device!r} (profile {kit.profile})"
+    return (f"agent-only device {kit.device!r} (profile {kit.profile}, model of "
+            f"{kit.model_from!r})")
+
+
 def _write_broker_kit(directory: Path, spec: FederationSpec, ca: pki.Identity,
-                      passwords: dict[str, str], config: FederationConfig) -> None:
+                      passwords: dict[str, str], config: FederationConfig,
+                      agents: list[str]) -> None:
+    """``agents``: the agent-only devices among ``passwords``' parties."""
     directory = private_dir(directory)
     hosts = [spec.broker.host, *spec.broker.alt_names, *LOOPBACK_NAMES]
     _identity(directory, mq.CERT_NAME, mq.KEY_NAME, ca, spec.broker.host, hosts)
     write_file(directory / mq.CA_NAME, ca.cert_pem)
     passwd = directory / mq.PASSWD_NAME
     previous = mq.parse_passwd(passwd.read_text()) if passwd.is_file() else {}
-    write_secret(passwd, mq.render_passwd(mq.broker_users(passwords), previous))
-    devices = [p for p in passwords if p != SERVER_ID]
-    write_file(directory / mq.ACL_NAME, mq.render_acl(spec.name, devices))
+    write_secret(passwd, mq.render_passwd(mq.broker_users(passwords, agents), previous))
+    devices = [p for p in passwords if p != SERVER_ID and p not in agents]
+    write_file(directory / mq.ACL_NAME, mq.render_acl(spec.name, devices, agents))
     write_file(directory / mq.CONF_NAME, mq.render_conf(mq.ConfSettings(
-        spec.name, spec.broker.bind, spec.broker.tls_port, spec.broker.plain_port,
-        len(devices), config.rounds, config.max_attempts, spec.broker.user)))
+        config, spec.broker.bind, spec.broker.tls_port, spec.broker.plain_port, len(devices),
+        len(agents), spec.broker.user)))
     what = "the MQTT broker (Mosquitto)"
     write_file(directory / "start.sh", _start_script("broker", what, spec.name), executable=True)
     write_file(directory / "fededge-broker.service", _unit("broker", what, spec.name, None))
@@ -333,21 +452,31 @@ exec "${{FEDEDGE:-fededge}}" {role} --kit "$KIT" "$@"
 """
 
 
+AGENT_INSTALL = ("sudo /opt/fededge/bin/pip install --no-deps fededge\n"
+                 "#   and then the packages of fededge's `edge` extra (pyproject.toml), no torch;\n"
+                 "#   or let devices/install.sh --kit THIS_KIT_DIR do all of this")
+
+
 def _unit(role: str, what: str, federation: str, threads: int | None) -> str:
     """A systemd unit for a Pi, a Jetson or any Linux host (paths in the install notes)."""
     user = "mosquitto" if role == "broker" else "fededge"
     kit = f"/etc/fededge/{role}"
-    state = "" if role == "broker" else " --state /var/lib/fededge"
+    state = " --state /var/lib/fededge" if role in ("server", CLIENT_ROLE) else ""
     env = f"Environment=OMP_NUM_THREADS={threads}\n" if threads else ""
     # The broker launcher re-reads the password file and ACL on SIGHUP (after a revocation).
     reload = "ExecReload=/bin/kill -HUP $MAINPID\n" if role == "broker" else ""
     setup = ("#   sudo apt-get install -y mosquitto\n" if role == "broker" else
              "#   sudo useradd --system --home-dir /var/lib/fededge --shell /usr/sbin/nologin "
              "fededge\n")
+    # The agent needs no torch, and installs models below its kit: the one path it may write.
+    agent = role == AGENT_ROLE
+    install = AGENT_INSTALL if agent else "sudo /opt/fededge/bin/pip install fededge"
+    kit_setup = f" && sudo mkdir -p {kit}/{STATE_DIR}" if agent else ""
+    writable = f"ReadWritePaths={kit}/{STATE_DIR}\n" if agent else ""
     return f"""# systemd unit for {what} of fededge federation {federation!r}.
 # Install (Raspberry Pi OS, Jetson Linux, Debian/Ubuntu):
-{setup}#   sudo python3 -m venv /opt/fededge && sudo /opt/fededge/bin/pip install fededge
-#   sudo mkdir -p /etc/fededge && sudo cp -r THIS_KIT_DIR {kit}
+{setup}#   sudo python3 -m venv /opt/fededge && {install}
+#   sudo mkdir -p /etc/fededge && sudo cp -r THIS_KIT_DIR {kit}{kit_setup}
 #   sudo chown -R {user}: {kit}
 #   sudo cp fededge-{role}.service /etc/systemd/system/
 #   sudo systemctl daemon-reload && sudo systemctl enable --now fededge-{role}
@@ -361,7 +490,7 @@ Type=simple
 User={user}
 {env}Environment=HOME=/var/lib/fededge
 ExecStart=/opt/fededge/bin/fededge {role} --kit {kit}{state}
-{reload}StateDirectory=fededge
+{reload}{writable}StateDirectory=fededge
 Restart=on-failure
 RestartSec=15
 NoNewPrivileges=true

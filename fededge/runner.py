@@ -178,13 +178,22 @@ def _local_data(kit: Kit, data: str | Path | None) -> tuple[LocalData, Federated
             split, dataset_name)
 
 
+def device_kit(kit: Kit) -> Kit:
+    """``kit``, if it is one of a device that trains; the error says what to run instead."""
+    if kit.is_server:
+        raise KitError(f"{kit.file}: this is the server's kit; pass a device kit")
+    if not kit.trains:
+        raise KitError(f"{kit.file}: device {kit.device!r} is agent-only (role = "
+                       f"\"{kit.role}\", it runs the model of {kit.model_from!r}) and does not "
+                       f"train; run `fededge agent --kit {kit.directory}` instead")
+    return kit
+
+
 def run_client(kit: Kit, *, data: str | Path | None = None, state: Path | None = None,
                threads: int | None = None,
                on_progress: Callable[[dict[str, Any]], None] = lambda entry: None) -> ClientRun:
     """Join the federation and take part until its last round; returns the finished client."""
-    if kit.is_server:
-        raise KitError(f"{kit.file}: this is the server's kit; pass a device kit")
-    floor = kit_config(kit)
+    floor = kit_config(device_kit(kit))
     threads = threads or usable_threads(get_profile(kit.profile))
     torch.set_num_threads(threads)
     local, split, dataset = _local_data(kit, data)

@@ -15,6 +15,11 @@ AGENT_ROLE, DEPLOY_ROLE = "agent", "deploy"
 ROLE_SEPARATOR = "@"
 """Never part of an id, so ``<party>@<role>`` cannot collide with another party's name."""
 
+MAX_CHUNKS = 500
+"""Chunk topics of one bundle at most (``delivery`` refuses more). A subscriber gets every
+retained chunk at once, and Mosquitto drops QoS-1 messages past a client's queue (at least
+1000 in fededge's conf; ``mosquitto_files.queue_size``): keep a bundle well below that."""
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -16,7 +16,8 @@ from helpers import has_mosquitto  # noqa: F401  (re-exported for the kit tests)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "federation.toml"
-DEVICES = ("pi5-kitchen", "jetson-lab", "gateway-1")
+DEVICES = ("pi5-kitchen", "jetson-lab", "gateway-1")  # the example's training devices
+AGENT = "zero-kiosk"   # its agent-only device, which runs pi5-kitchen's model
 
 
 def federation_file(tmp: Path, *, port: int = 8883, extra_device: bool = False,

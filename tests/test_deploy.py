@@ -38,8 +38,9 @@ from fededge.models import build_student
 from fededge.profiles import get_profile
 from fededge.provision import provision
 from fededge.topics import Topics
+from fededge.transport import TransportError
 from helpers import EDGE_BLOCKED, blocked_env, run_blocked, stdout_of
-from kit_helpers import (REPO, Processes, collect, connect_party, federation_file,
+from kit_helpers import (AGENT, REPO, Processes, collect, connect_party, federation_file,
                          has_mosquitto)
 
 TOPICS = Topics("demo")
@@ -243,6 +244,29 @@ def test_a_crash_mid_install_leaves_the_previous_model_serving(fed, tmp_path):
     assert again.exit_code == 0 and f"already installed {second.version}" in again.output
 
 
+@pytest.mark.mosquitto
+def test_an_agent_only_device_receives_the_bundle_of_its_model_from_device(fed, tmp_path):
+    """zero-kiosk trains nothing (no export of its own); by default deploy sends it
+    pi5-kitchen's bundle, signed for zero-kiosk, and its agent installs it."""
+    only = tmp_path / "export"
+    shutil.copytree(fed.v1 / "pi5-kitchen", only / "pi5-kitchen")
+    results = deploy(only, fed.kits / "server", chunk_bytes=CHUNK)
+    assert [(r.device, r.source) for r in results] == [("pi5-kitchen", None),
+                                                       (AGENT, "pi5-kitchen")]
+    outcome, report = _agent_once(fed, AGENT)
+    assert outcome.installed == results[1].version and report["smoke_test"]["passed"]
+    installed = Installs.of_kit(fed.kits / AGENT).path(outcome.installed)
+    for name in ("model.onnx", "model.int8.onnx", "manifest.json"):
+        assert (installed / name).read_bytes() == (only / "pi5-kitchen" / name).read_bytes()
+    out = CliRunner().invoke(app, ["infer", str(fed.kits / AGENT), str(fed.data)])
+    assert out.exit_code == 0 and f"model.onnx ({outcome.installed})" in out.output
+    # Its copy is its own: no other device's agent reads it, and it has no training user.
+    assert _retained(fed, "pi5-kitchen", "pi5-kitchen@agent", TOPICS.deploy_tree(AGENT),
+                     wait=0.5) == {}
+    with pytest.raises(TransportError, match="refused"):
+        connect_party(fed.kits, fed.port, AGENT)
+
+
 # ----------------------------------------------------------------------------- rejections
 
 @pytest.fixture(scope="module")
@@ -422,7 +446,10 @@ def test_deploy_errors_name_the_input_and_the_fix(fed, tmp_path):
         (["deploy", str(fed.wine), "--kit", str(server), "--device", "pi5-kitchen"],
          "no exported bundle for device 'pi5-kitchen'"),
         (["deploy", str(fed.v1), "--kit", str(server), "--device", "dev9"],
-         "--device dev9: not a device of federation 'demo'"),
+         "--device dev9: not a device of federation 'demo' (its devices: pi5-kitchen, "
+         "jetson-lab, gateway-1, zero-kiosk)"),
+        (["deploy", str(fed.wine), "--kit", str(server), "--device", AGENT],
+         "no exported bundle for device 'zero-kiosk' (it runs the model of 'pi5-kitchen')"),
         (["deploy", str(fed.v1), "--kit", str(unsigned)], "re-run `fededge provision"),
         (["deploy", str(fed.v1), "--kit", str(fed.kits / "gateway-1")],
          "deploy with the server kit"),

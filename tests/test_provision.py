@@ -33,7 +33,7 @@ from fededge.privacy import (LocalPrivacy, clip_rows, delta_for, epsilon_for, pr
                              release_mu)
 from fededge.provision import provision
 from fededge.transport import MemoryHub, TransportError
-from kit_helpers import (DEVICES, EXAMPLE, REPO, Processes, collect, connect_party,
+from kit_helpers import (AGENT, DEVICES, EXAMPLE, REPO, Processes, collect, connect_party,
                          federation_file, has_mosquitto)
 
 
@@ -76,16 +76,18 @@ def test_example_provisions_as_is(tmp_path):
                     "require_certificate", "use_identity_as_username", "max_connections")
     assert not [o for o in per_listener if re.search(rf"^{o} ", before_listener, re.M)], \
         "a listener option before the first listener opens a default listener on 1883"
-    with_plain = mq.render_conf(mq.ConfSettings("demo", "0.0.0.0", 8883, 1884, 3, 10, 3))
+    with_plain = mq.render_conf(mq.ConfSettings(FederationConfig(), "0.0.0.0", 8883, 1884, 3))
     assert re.findall(r"^listener .*$", with_plain, re.M) == ["listener 8883 0.0.0.0",
                                                               "listener 1884 127.0.0.1"]
     assert with_plain.count("\nuse_username_as_clientid true") == 2  # one per listener
     queued = int(re.search(r"^max_queued_messages (\d+)$", conf, re.M).group(1))
-    assert queued == mq.queue_size(3, 10, 3) >= 1000  # never below Mosquitto's default
-    assert mq.queue_size(50, 100, 3) == 2 * 51 * 101 * 9  # grows with the federation
+    config = FederationConfig.from_dict(load_kit(kits / "server").config)
+    assert queued == mq.queue_size(config, len(DEVICES), 1) >= 1000
     passwd = mq.parse_passwd((kits / "broker" / "passwd").read_text())
-    # Each party's second process (deploy, agent) is its own user with the party's password.
-    assert set(passwd) == {*DEVICES, "server", "server@deploy", *(f"{d}@agent" for d in DEVICES)}
+    # Each party's second process (deploy, agent) is its own user with the party's password;
+    # the agent-only device has only its agent user.
+    assert set(passwd) == {*DEVICES, "server", "server@deploy",
+                           *(f"{d}@agent" for d in (*DEVICES, AGENT))}
     for kit, user in [*((d, f"{d}@agent") for d in DEVICES), ("server", "server@deploy")]:
         for name in (kit, user):
             assert mq.check_password((kits / kit / "password").read_text().strip(), passwd[name])
@@ -99,6 +101,22 @@ def test_example_provisions_as_is(tmp_path):
                                          ["files"]), [])
     verified = CliRunner().invoke(app, ["verify-kit", str(kits / "jetson-lab")])
     assert verified.exit_code == 0 and "match" in verified.output
+
+
+def test_queue_size_counts_training_devices_republishes_and_deploys():
+    config = FederationConfig(rounds=100, max_attempts=3, deadline_s=120.0)  # resend every 30 s
+    # Per attempt: announcement, upload, and 4 re-publishes of config, consensus, announcement.
+    assert mq.messages_per_round(config) == 3 * (2 + 3 * 4) + 3
+    assert mq.messages_per_round(config.replace(resend_s=7.0)) == 3 * (2 + 3 * 18) + 3
+    assert mq.queue_size(config, 50) == 2 * 51 * 101 * 45  # grows with the federation
+    assert mq.queue_size(config, 50, 7) == mq.queue_size(config, 50)  # agents send no rounds
+    small = FederationConfig(rounds=2)
+    # `fededge deploy` reads every device's retained bundle (up to 500 chunks + descriptor).
+    assert mq.queue_size(small, 1) == 2 * 501 > 2 * 2 * 3 * 45
+    assert mq.queue_size(small, 1, 9) == 2 * 10 * 501
+    conf = mq.render_conf(mq.ConfSettings(config, "0.0.0.0", 8883, 0, 50, 7))
+    assert f"max_queued_messages {2 * 51 * 101 * 45}\n" in conf
+    assert "3 attempts x (announcement + upload + 3 x 4 re-publishes" in conf
 
 
 def test_password_file_is_mosquitto_compatible(tmp_path):
@@ -117,10 +135,19 @@ def test_password_file_is_mosquitto_compatible(tmp_path):
     ("tls_port = 8883", "tls_port = 70000", ["tls_port must be a port number"]),
     ("rounds = 10", "rounds = 0", ["'rounds' must be at least 1"]),
     ('profile = "pi-5-8gb"', 'proifle = "pi-5-8gb"', ["unknown key 'proifle'"]),
+    ('role = "agent"', 'role = "server"', ["role must be one of 'client', 'agent'"]),
+    ('model_from = "pi5-kitchen"', 'model_from = "nobody"',
+     ["zero-kiosk", "model_from 'nobody' is no device of this file"]),
+    ('model_from = "pi5-kitchen"', 'model_from = "zero-kiosk"', ["is the device itself"]),
+    ('id = "gateway-1"', 'model_from = "jetson-lab"\nid = "gateway-1"',
+     ["gateway-1", 'model_from is for agent-only devices; add role = "agent"']),
+    ('model_from = "pi5-kitchen"', 'student = "cnn-xs"',
+     ["zero-kiosk", "an agent-only device runs the student of its model_from device"]),
 ])
 def test_bad_federation_file_names_the_line(tmp_path, old, new, words):
     text = EXAMPLE.read_text().replace(old, new)
-    lines = [n for n, line in enumerate(text.splitlines(), 1) if line.startswith(new)]
+    first = new.splitlines()[0]
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if line.startswith(first)]
     line = lines[-1]  # a duplicate is reported where it repeats, naming the first use
     path = tmp_path / "federation.toml"
     path.write_text(text)
@@ -148,8 +175,8 @@ def test_reprovision_adds_a_device_and_keeps_everyone_elses_credentials(tmp_path
     passwd_before = mq.parse_passwd((kits / "broker" / "passwd").read_text())
 
     result = provision(federation_file(tmp_path, extra_device=True), kits)
-    assert {d.id: d.status for d in result.devices} == {**dict.fromkeys(DEVICES, "kept"),
-                                                        "pi4-garage": "new"}
+    assert {d.id: d.status for d in result.devices} == {
+        **dict.fromkeys((*DEVICES, AGENT), "kept"), "pi4-garage": "new"}
     assert {p: _credentials(kits, p) for p in [*DEVICES, "server"]} == before
     assert {n: (kits / "broker" / n).read_bytes() for n in broker_before} == broker_before
     assert (kits / "ca" / "ca.key").read_bytes() == ca_before
@@ -158,6 +185,136 @@ def test_reprovision_adds_a_device_and_keeps_everyone_elses_credentials(tmp_path
     assert "pi4-garage" in passwd and "user pi4-garage" in (kits / "broker" / "acl").read_text()
     assert load_kit(kits / "server").devices == (*DEVICES, "pi4-garage")
     assert verify_manifest(kits)[1] == []
+
+
+@pytest.fixture
+def inference_only_catalog(tmp_path, monkeypatch):
+    """The shipped profiles, but the Pi Zero 2 W cannot train (none shipped can) and may run
+    students up to 40,000 parameters."""
+    catalog = tmp_path / "devices"
+    shutil.copytree(REPO / "devices", catalog, ignore=shutil.ignore_patterns("install*"))
+    zero = catalog / "pi-zero-2w.toml"
+    zero.write_text(re.sub(r"(?m)^can_train = true", "can_train = false",
+                           zero.read_text().replace("max_params = 4000", "max_params = 40000")))
+    monkeypatch.setenv("FEDEDGE_DEVICES", str(catalog))
+    return catalog
+
+
+def _acl_block(acl: str, user: str) -> list[str]:
+    return acl.split(f"user {user}\n")[1].split("\n\n")[0].splitlines()
+
+
+def test_agent_only_devices_get_agent_kits_and_no_training_rights(tmp_path,
+                                                                  inference_only_catalog):
+    kits = tmp_path / "kits"
+    federation = federation_file(tmp_path, extra_device=True)  # + pi4-garage (cnn-m)
+    with open(federation, "a") as fh:  # can_train = false: agent-only without saying so
+        fh.write('\n[[devices]]\nid = "zero.auto"\nprofile = "pi-zero-2w"\n')
+    result = provision(federation, kits)
+    trainers = (*DEVICES, "pi4-garage")
+    plans = {d.id: (d.role, d.model_from, d.student) for d in result.devices}
+    assert plans == {**{d: ("client", None, plans[d][2]) for d in trainers},
+                     # the largest trained student within the Pi Zero's 40,000 parameters
+                     "zero.auto": ("agent", "pi4-garage", "cnn-m"),
+                     AGENT: ("agent", "pi5-kitchen", "cnn-l")}  # explicit: budgets not applied
+    assert [d.note for d in result.devices if d.note] == [
+        "zero-kiosk runs pi5-kitchen's cnn-l, beyond the budgets of profile 'pi-zero-2w' "
+        "(budgets.max_params needs 89,930, budget 40,000)"]
+
+    server = load_kit(kits / "server")
+    assert server.devices == trainers  # the server waits for (and counts quorum over) these
+    assert server.agents == {AGENT: "pi5-kitchen", "zero.auto": "pi4-garage"}
+    assert '\n"zero.auto" = "pi4-garage"\n' in (kits / "server" / "server.toml").read_text()
+    agent = load_kit(kits / "zero.auto")
+    assert (agent.role, agent.model_from, agent.student, agent.trains) == (
+        "agent", "pi4-garage", "cnn-m", False)
+    assert agent.dataset.shards == 4  # demo shards only for the devices that train
+    start = (kits / "zero.auto" / "start.sh").read_text()
+    assert 'exec "${FEDEDGE:-fededge}" agent --kit "$KIT"' in start
+    unit = (kits / "zero.auto" / "fededge-agent.service").read_text()
+    assert "ExecStart=/opt/fededge/bin/fededge agent --kit /etc/fededge/agent\n" in unit
+    assert "ReadWritePaths=/etc/fededge/agent/state\n" in unit
+    assert not (kits / "zero.auto" / "fededge-client.service").exists()
+
+    acl = (kits / "broker" / "acl").read_text()
+    assert "user zero.auto\n" not in acl and "up/zero.auto" not in acl
+    assert _acl_block(acl, "zero.auto@agent") == [
+        "topic read fededge/demo/deploy/zero.auto/#",
+        "topic write fededge/demo/presence/zero.auto/agent"]
+    passwd = mq.parse_passwd((kits / "broker" / "passwd").read_text())
+    assert "zero.auto@agent" in passwd and "zero.auto" not in passwd
+    conf = (kits / "broker" / "mosquitto.conf").read_text()
+    assert "(4 training devices + server)" in conf and "4 training + 2 agent-only" in conf
+
+    refused = CliRunner().invoke(app, ["client", "--kit", str(kits / "zero.auto")])
+    assert refused.exit_code == 2 and refused.output.startswith("error:")
+    assert (f"device 'zero.auto' is agent-only (role = \"agent\", it runs the model of "
+            f"'pi4-garage') and does not train; run `fededge agent --kit {kits / 'zero.auto'}`"
+            in " ".join(refused.output.split()))
+
+    # A device that stops training keeps its credentials; its kit switches to the agent.
+    before = _credentials(kits, "gateway-1")
+    federation.write_text(federation.read_text().replace(
+        'profile = "x86-gateway"',
+        'profile = "x86-gateway"\nrole = "agent"\nmodel_from = "jetson-lab"'))
+    provision(federation, kits)
+    assert _credentials(kits, "gateway-1") == before
+    assert not load_kit(kits / "gateway-1").trains
+    assert (kits / "gateway-1" / "fededge-agent.service").is_file()
+    assert not (kits / "gateway-1" / "fededge-client.service").exists()
+    assert load_kit(kits / "server").devices == ("pi5-kitchen", "jetson-lab", "pi4-garage")
+    assert "gateway-1" not in mq.parse_passwd((kits / "broker" / "passwd").read_text())
+    assert verify_manifest(kits)[1] == []
+
+
+def test_kits_from_before_roles_train(tmp_path):
+    kits = tmp_path / "kits"
+    provision(federation_file(tmp_path), kits)
+    toml = kits / "gateway-1" / "client.toml"
+    toml.write_text(toml.read_text().replace('role = "client"\n', ""))
+    assert load_kit(kits / "gateway-1").trains
+    toml.write_text(toml.read_text().replace('seed = ', 'role = "trainer"\nseed = ', 1))
+    with pytest.raises(ValueError, match="role 'trainer' is not one of client, agent"):
+        load_kit(kits / "gateway-1")
+
+
+@pytest.mark.parametrize("old, new, key, words", [
+    ('role = "agent"', 'role = "client"', "role",
+     ["profile 'pi-zero-2w' cannot train (can_train = false); drop role = \"client\""]),
+    ('model_from = "pi5-kitchen"', 'data = "/x.npz"', "data",
+     ["an agent-only device trains nothing; drop data"]),
+    ('model_from = "pi5-kitchen"',
+     'model_from = "zero-2"\n\n[[devices]]\nid = "zero-2"\nprofile = "pi-zero-2w"',
+     "model_from",
+     ["model_from 'zero-2' is agent-only too; name a device that trains (pi5-kitchen, "
+      "jetson-lab, gateway-1)"]),
+])
+def test_agent_only_errors_name_the_device_line_and_fix(tmp_path, inference_only_catalog,
+                                                        old, new, key, words):
+    path = tmp_path / "federation.toml"
+    path.write_text(EXAMPLE.read_text().replace(old, new))
+    with pytest.raises(FederationFileError) as err:
+        provision(path, tmp_path / "kits")
+    line = [n for n, text in enumerate(path.read_text().splitlines(), 1)
+            if text.startswith(f"{key} = ")][-1]
+    assert str(err.value).startswith(f"{path} line {line}: device 'zero-kiosk': ")
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_an_agent_only_device_needs_a_model_and_a_federation_needs_a_trainer(tmp_path):
+    path = tmp_path / "federation.toml"
+    path.write_text(EXAMPLE.read_text().replace('model_from = "pi5-kitchen"\n', ""))
+    with pytest.raises(FederationFileError, match=(
+            r"line \d+: device 'zero-kiosk': no trained student fits the budgets of profile "
+            r"'pi-zero-2w' \(the smallest, cnn-l, exceeds them\); set model_from")):
+        provision(path, tmp_path / "kits")
+    text = EXAMPLE.read_text()
+    path.write_text(text[:text.index("\n[[devices]]")] + text[text.index("\n# Agent-only"):]
+                    .replace('model_from = "pi5-kitchen"\n', ""))
+    result = CliRunner().invoke(app, ["provision", str(path), "--out", str(tmp_path / "k")])
+    assert result.exit_code == 2
+    assert "no device trains (all are agent-only); add a [[devices]] table" in result.output
 
 
 def test_revoke_removes_the_device_from_password_file_and_acl(tmp_path):
