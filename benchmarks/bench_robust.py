@@ -12,10 +12,15 @@ accuracy of the 8 honest devices, the same 8 in every run):
 - ``label-flip``: the attackers run the unmodified client on their own data with every label
   shifted by one class (y → y + 1 mod K): confident, consistent, wrong logits.
 
+Two references: ``none`` (devices 8 and 9 honest) and ``absent`` (they never join: the 8 honest
+devices alone). Under attack the honest devices lose what the attackers' data would have taught
+them, so ``absent`` is the best any aggregator can do; the gap between ``none`` and ``absent``
+is that lost knowledge, not the aggregator's fault.
+
 Runs in one process over the in-memory transport (the aggregation, not the network, is under
 test) with the same server and client code as every other path.
 
-    .venv/bin/python benchmarks/bench_robust.py --rounds 10
+    .venv/bin/python benchmarks/bench_robust.py --rounds 10 --seeds 0 1
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from fededge.simulate import (SimulationOptions, build_client, federation_config
 from fededge.strategy import Payload, announced_rows, strategy_pair
 from fededge.transport import MemoryHub, Transport
 
-ATTACKS = ("none", "random", "random+counts", "label-flip")
+ATTACKS = ("none", "absent", "random", "random+counts", "label-flip")
+REFERENCES = ("none", "absent")  # not attacks: with devices 8 and 9 honest, or not there at all
 AGGREGATORS = ("mean", "era", "median", "trimmed-mean")
 USES_COUNTS = ("era", "weighted", "prob-mean")
 CLIENTS, BYZANTINE = 10, (8, 9)
@@ -104,13 +110,16 @@ def run(aggregator: str, attack: str, rounds: int, seed: int, workdir: Path) -> 
     people = plan_participants(opts, split)
     config = federation_config(opts, split)
     hub = MemoryHub()
+    honest = [i for i in range(CLIENTS) if attack == "none" or i not in BYZANTINE]
+    present = honest if attack == "absent" else range(CLIENTS)
     server = FederationServer(hub.connect("server"), config,
                               strategy_pair(config.strategy)[0](config),
-                              expected_clients=CLIENTS)
-    honest = [i for i in range(CLIENTS) if attack == "none" or i not in BYZANTINE]
+                              expected_clients=len(present))
     data = _label_flipped(split) if attack == "label-flip" else split
     clients = []
     for i, p in enumerate(people):
+        if i not in present:
+            continue
         transport = hub.connect(p.device_id,
                                 will=FederationClient.last_will(config.federation, p.device_id))
         if i in honest or attack == "label-flip":
@@ -125,57 +134,74 @@ def run(aggregator: str, attack: str, rounds: int, seed: int, workdir: Path) -> 
         assert c.wait(120) and c.error is None, c.error
     final = server.metrics[rounds]
     accs = [final[people[i].device_id]["accuracy"] for i in range(CLIENTS) if i not in BYZANTINE]
-    return {"aggregator": aggregator, "attack": attack, "honest_accuracy": float(np.mean(accs)),
-            "seconds": time.perf_counter() - started}
+    return {"aggregator": aggregator, "attack": attack, "seed": seed, "rounds": rounds,
+            "honest_accuracy": float(np.mean(accs)), "seconds": time.perf_counter() - started}
 
 
 def table(rows: list[dict]) -> str:
-    """One row per aggregator, one column per attack; needs the clean run of each."""
+    """One row per aggregator, one column per attack; the worst loss against the aggregator's
+    own clean run and against its run without devices 8 and 9 (where measured)."""
     attacks = [a for a in ATTACKS if any(r["attack"] == a for r in rows)]
-    clean = {r["aggregator"]: r["honest_accuracy"] for r in rows if r["attack"] == "none"}
-    lines = ["| aggregator | " + " | ".join(attacks) + " | worst Δ vs own clean run |",
-             "|---|" + "---|" * (len(attacks) + 1)]
-    for agg in [a for a in AGGREGATORS if a in clean]:
-        cells, deltas = [], []
+    ref = {(r["aggregator"], r["attack"]): r["honest_accuracy"] for r in rows
+           if r["attack"] in REFERENCES}
+    lines = ["| aggregator | " + " | ".join(attacks) + " | worst Δ vs clean | worst Δ vs absent |",
+             "|---|" + "---|" * (len(attacks) + 2)]
+    for agg in [a for a in AGGREGATORS if (a, "none") in ref]:
+        cells, worst = [], 1.0
         for attack in attacks:
             if attack == "random+counts" and agg not in USES_COUNTS:
                 attack = "random"  # counts are ignored: the same run
             acc = next(r["honest_accuracy"] for r in rows
                        if r["aggregator"] == agg and r["attack"] == attack)
             cells.append(f"{100 * acc:.1f}%")
-            deltas.append(100 * (acc - clean[agg]))
-        lines.append(f"| {agg} | " + " | ".join(cells) + f" | {min(deltas):+.1f} pts |")
+            worst = min(worst, acc) if attack not in REFERENCES else worst
+        vs_absent = (f"{100 * (worst - ref[agg, 'absent']):+.1f} pts"
+                     if (agg, "absent") in ref else "")
+        lines.append(f"| {agg} | " + " | ".join(cells) +
+                     f" | {100 * (worst - ref[agg, 'none']):+.1f} pts | {vs_absent} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS))
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench-robust"))
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results/robust.jsonl"),
+                    help="every run, appended as it finishes; runs already there are skipped")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/robust.md"))
     args = ap.parse_args()
-    grid = [(agg, attack) for agg in args.aggregators for attack in args.attacks
-            if attack != "random+counts" or agg in USES_COUNTS]
-    rows = []
+    rows = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+            if args.results.exists() else [])
+    done = {(r["aggregator"], r["attack"], r["seed"], r["rounds"]) for r in rows}
+    grid = [(agg, attack, seed) for seed in args.seeds for agg in args.aggregators
+            for attack in args.attacks if attack != "random+counts" or agg in USES_COUNTS]
+    todo = [cell for cell in grid if (*cell, args.rounds) not in done]
+    print(f"{len(grid)} runs, {len(grid) - len(todo)} already in {args.results}", flush=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ProcessPoolExecutor(
             args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run, agg, attack, args.rounds, args.seed, args.workdir)
-                   for agg, attack in grid]
+        futures = [pool.submit(run, agg, attack, args.rounds, seed, args.workdir)
+                   for agg, attack, seed in todo]
         for future in concurrent.futures.as_completed(futures):
             rows.append(future.result())
+            with args.results.open("a") as fh:
+                fh.write(json.dumps(rows[-1]) + "\n")
             print(json.dumps(rows[-1]), flush=True)
-    text = (f"{table(rows)}\n\nMean final test accuracy of the 8 honest devices (digits, "
-            f"Dirichlet α = 0.5, 10 devices, {args.rounds} rounds, seed {args.seed}); devices 8 "
-            f"and 9 are the Byzantine ones (or honest in the clean run). Machine: "
+    sections = []
+    for seed in sorted({r["seed"] for r in rows if r["rounds"] == args.rounds}):
+        sections.append(f"### seed {seed}\n\n" + table(
+            [r for r in rows if r["seed"] == seed and r["rounds"] == args.rounds]))
+    text = ("\n\n".join(sections) + f"\n\nMean final test accuracy of the 8 honest devices "
+            f"(digits, Dirichlet α = 0.5, 10 devices, {args.rounds} rounds); devices 8 and 9 are "
+            "the Byzantine ones (honest in `none`, not there in `absent`). Machine: "
             f"{platform.processor() or platform.machine()}.\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
-
 
 if __name__ == "__main__":
     main()
