@@ -49,7 +49,7 @@ bench: $(STAMP)
 
 # The edge agent on an emulated arm64 Debian (debootstrap + qemu-user-static, as root; not part
 # of `make test`): deploy over a real Mosquitto, agent and infer in the chroot, logits compared
-# with x86 onnxruntime. The rootfs and wheels are cached in ARM64_CACHE: ~10 minutes cold,
+# with x86 onnxruntime. The rootfs and wheels are cached in ARM64_CACHE: ~7 minutes cold (quiet),
 # ~2 minutes cached (BENCHMARKS.md). ARM64_ARGS: --rebuild, --skip-delivery, --samples N.
 ARM64_CACHE ?= $(HOME)/.cache/fededge/arm64
 ARM64_ARGS  ?=
