@@ -14,28 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_model import export_cmd, infer_cmd
-from .cli_output import console, fail
+from .cli_output import console, fail, user_errors
 from .report import human_bytes, rounds_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated knowledge distillation for heterogeneous edge devices.")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'bad input' rather than 'bug'; imported lazily (torch is slow)."""
-    from .aggregate import UnknownAggregatorError
-    from .broker import BrokerError
-    from .config import ConfigError
-    from .data import DataError
-    from .models import UnknownStudentError
-    from .profiles import ProfileError
-    from .server import FederationError
-    from .simulate import SimulationError
-    from .strategy import UnknownStrategyError
-    from .transport import TransportError
-
-    return (UnknownAggregatorError, BrokerError, ConfigError, DataError, UnknownStudentError,
-            ProfileError, FederationError, SimulationError, UnknownStrategyError, TransportError)
 
 
 @app.callback()
@@ -55,7 +38,7 @@ def devices(data: Optional[str] = typer.Option(
 
         dataset = load_dataset(data)
         choices = describe_catalog(tuple(dataset.input_shape), dataset.num_classes)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(exc)
     table = Table(title=f"Device profiles → students for {dataset.name} "
                         f"(input {'×'.join(map(str, dataset.input_shape))}, "
@@ -139,7 +122,7 @@ def simulate(
                                        f"{100 * (row.mean_accuracy or 0):.1f}%")
         try:
             result = run_simulation(opts, on_round)
-        except _user_errors() as exc:
+        except user_errors() as exc:
             progress.stop()
             fail(exc)
     _print_simulation(result)

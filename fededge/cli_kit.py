@@ -13,31 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_output import console, fail, pct
-
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'bad input or environment', printed as one line, never a trace."""
-    from .aggregate import UnknownAggregatorError
-    from .broker import BrokerError
-    from .config import ConfigError
-    from .data import DataError
-    from .fedfile import FederationFileError
-    from .kit import KitError
-    from .manifest import ManifestError
-    from .models import UnknownStudentError
-    from .pki import PkiError
-    from .profiles import ProfileError
-    from .provision import ProvisionError
-    from .server import FederationError
-    from .store import StoreError
-    from .strategy import UnknownStrategyError
-    from .transport import TransportError
-
-    return (UnknownAggregatorError, BrokerError, ConfigError, DataError, FederationFileError,
-            KitError, ManifestError, UnknownStudentError, PkiError, ProfileError, ProvisionError,
-            FederationError, StoreError, UnknownStrategyError, TransportError)
+from .cli_output import console, fail, pct, user_errors
 
 
 def _privacy_line(report: dict | None) -> str:
@@ -64,7 +40,7 @@ def provision_cmd(
         from .provision import provision
 
         result = provision(federation_file, out, revoke or [])
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(exc)
     table = Table(title=f"Kits of federation {result.config.federation!r} in {result.out}")
     for col in ("device", "profile", "role", "student", "credentials"):
@@ -96,7 +72,7 @@ def verify_kit_cmd(
 
     try:
         checked, problems = verify_manifest(directory)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(exc)
     for problem in problems:
         console.print(f"[bold red]tampered:[/] {directory}/{problem}", highlight=False)
@@ -128,13 +104,13 @@ def broker_cmd(
             code = broker.run_foreground(lambda b: console.print(
                 f"mosquitto from {kit} listening on {b.host}:{b.port} (TLS; Ctrl-C to stop, "
                 "SIGHUP reloads passwords and ACL)", highlight=False))
-        except _user_errors() as exc:
+        except user_errors() as exc:
             fail(exc)
         raise typer.Exit(code=code if code > 0 else 0)
     try:
         dev = (EmbeddedBroker(host, port) if embedded in (None, True)
                else MosquittoBroker(port=port, host=host)).start()
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(exc)
     console.print(f"{'amqtt' if embedded in (None, True) else 'mosquitto'} development broker "
                   f"listening on {host}:{port}, anonymous, no TLS (Ctrl-C to stop)")
@@ -168,7 +144,7 @@ def server_cmd(
                       f"{len(loaded.devices)} devices", highlight=False)
         done = run_server(loaded, state=state, join_timeout=join_timeout,
                           events=ServerEvents(on_round_closed=closed))
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(exc)
     console.print(rounds_table(done.rows, title="Per-round results (all devices)"))
     console.print(f"federation done: {done.rounds} rounds, {done.accepted} uploads accepted, "
@@ -198,7 +174,7 @@ def client_cmd(
                       highlight=False)
         result = run_client(loaded, data=data, state=state, threads=threads,
                             on_progress=progress)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         fail(exc)
     last = result.client.history[-1] if result.client.history else {}
     console.print(f"federation done: final accuracy {pct(last.get('accuracy'))}; "

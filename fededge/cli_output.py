@@ -3,6 +3,7 @@ percentages. Torch-free (the device commands import it)."""
 
 from __future__ import annotations
 
+import sys
 from typing import NoReturn
 
 import typer
@@ -10,6 +11,29 @@ from rich.console import Console
 from rich.markup import escape
 
 console = Console(soft_wrap=True)  # long paths stay on one line, whole
+
+
+USER_ERRORS = {
+    "fededge.aggregate": "UnknownAggregatorError", "fededge.broker": "BrokerError",
+    "fededge.config": "ConfigError", "fededge.data": "DataError",
+    "fededge.fedfile": "FederationFileError", "fededge.kit": "KitError",
+    "fededge.manifest": "ManifestError", "fededge.models": "UnknownStudentError",
+    "fededge.pki": "PkiError", "fededge.profiles": "ProfileError",
+    "fededge.provision": "ProvisionError", "fededge.server": "FederationError",
+    "fededge.simulate": "SimulationError", "fededge.store": "StoreError",
+    "fededge.strategy": "UnknownStrategyError", "fededge.transport": "TransportError",
+}
+"""Exceptions that mean bad input or environment rather than a bug, by defining module."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The ``USER_ERRORS`` classes whose modules are loaded, for ``except user_errors()``.
+
+    Read from ``sys.modules`` instead of imported: an exception can only come from a module
+    that is loaded, and importing the rest would pull in torch, which a device with only the
+    ``edge`` extra lacks (the error message would become an ImportError traceback)."""
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
+                 if module in sys.modules)
 
 
 def fail(problem: BaseException | str, code: int = 2) -> NoReturn:

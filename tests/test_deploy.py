@@ -434,6 +434,18 @@ def test_descriptors_are_checked_before_anything_is_trusted():
         delivery.open_seal(b"garbage", pki.create_ca("demo").cert)
 
 
+def test_device_commands_report_bad_input_in_one_line_without_torch(tmp_path):
+    """On a device with only the ``edge`` extra, a user error must not turn into an
+    ImportError traceback while the CLI looks up which exceptions are user errors."""
+    not_a_kit = tmp_path / "not-a-kit"
+    not_a_kit.mkdir()
+    proc = run_blocked(tmp_path, EDGE_BLOCKED, ["-m", "fededge.cli", "verify-kit",
+                                                str(not_a_kit)], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stdout and "no manifest.json" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 
 @pytest.mark.mosquitto
 def test_deploy_errors_name_the_input_and_the_fix(fed, tmp_path):
