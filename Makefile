@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-stamp
 DEMO_OUT   ?= runs/demo
 
-.PHONY: demo test bench mosquitto clean
+.PHONY: demo test bench mosquitto systemd-analyze clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ mosquitto:
 		echo "mosquitto is missing; its tests will be skipped. Install it with: sudo apt-get install -y mosquitto"; \
 	fi
 
+# tests/test_install_assets.py checks the systemd units with `systemd-analyze verify` (package
+# systemd; present on most Debian machines, installed here as root when missing).
+systemd-analyze:
+	@if command -v systemd-analyze >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing systemd (for systemd-analyze)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
+	else \
+		echo "systemd-analyze is missing; unit files are only parsed. Install it with: sudo apt-get install -y systemd"; \
+	fi
+
 FEDEDGE    := $(VENV)/bin/fededge
 
 # simulate → export every student (with int8) → run one exported model with onnxruntime only.
@@ -36,7 +47,7 @@ demo: $(STAMP)
 	$(FEDEDGE) export $(DEMO_OUT) --all --quantize int8
 	$(FEDEDGE) infer "$$(ls -d $(DEMO_OUT)/export/*/ | head -n 1)" $(DEMO_OUT)/test.npz
 
-test: $(STAMP) mosquitto
+test: $(STAMP) mosquitto systemd-analyze
 	$(PY) -m pytest -q
 
 # The strategy suite behind BENCHMARKS.md: fedmd vs FedAvg vs fedavg-kd on digits and wine,

@@ -33,6 +33,7 @@ from fededge.privacy import (LocalPrivacy, clip_rows, delta_for, epsilon_for, pr
                              release_mu)
 from fededge.provision import provision
 from fededge.transport import MemoryHub, TransportError
+from helpers import requires_mosquitto
 from kit_helpers import (AGENT, DEVICES, EXAMPLE, REPO, Processes, collect, connect_party,
                          federation_file, has_mosquitto)
 
@@ -560,12 +561,10 @@ def test_broker_without_mosquitto_names_the_debian_package(tmp_path, monkeypatch
     assert "apt-get install -y mosquitto" in result.output and result.output.startswith("error:")
 
 
-@pytest.mark.mosquitto
+@requires_mosquitto
 def test_site_bridge_carries_the_protocol(tmp_path):
     """broker/bridge/site.conf's bridge between two real Mosquittos: retained federation topics
     reach a device at the site, its upload reaches the server at the centre, ACLs hold."""
-    if not has_mosquitto():
-        pytest.skip("mosquitto not installed (make test installs it)")
     centre_port = free_port()
     kits = tmp_path / "kits"
     provision(federation_file(tmp_path, port=centre_port), kits)
@@ -617,10 +616,8 @@ def test_site_bridge_carries_the_protocol(tmp_path):
         procs.stop_all()
 
 
-@pytest.mark.mosquitto
+@requires_mosquitto
 def test_revocation_reaches_a_running_broker_on_sighup(tmp_path):
-    if not has_mosquitto():
-        pytest.skip("mosquitto not installed (make test installs it)")
     port = free_port()
     federation, kits = federation_file(tmp_path, port=port), tmp_path / "kits"
     provision(federation, kits)
