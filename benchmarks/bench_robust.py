@@ -203,5 +203,6 @@ def main() -> None:
     args.out.write_text(text)
     print(text)
 
+
 if __name__ == "__main__":
     main()
