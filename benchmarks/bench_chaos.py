@@ -32,8 +32,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from fededge.node import Fleet
-from fededge.simulate import SimulationOptions, run_simulation
+from fededge.sim.fleet import Fleet
+from fededge.sim.simulate import SimulationOptions, run_simulation
 
 UPLOAD_LINE = re.compile(r"^(\S+ \S+) INFO fededge\.client: (\S+) "
                          r"(?:uploaded round|re-sent its upload for round) (\d+)")

@@ -2,7 +2,7 @@
 
 For every zoo member (image students on digits 1×8×8, the largest image student also on digits
 upsampled to 1×32×32, tabular students on wine's 13 features) this trains the student briefly,
-exports it through ``fededge.export.export_student`` (parity-checked, int8 calibrated on the
+exports it through ``fededge.delivery.export.export_student`` (parity-checked, int8 calibrated on the
 proxy set) and then measures, in one process and one run:
 
 * float32 and int8 file sizes;
@@ -28,13 +28,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fededge import runtime
-from fededge.data import FederatedSplit, load_dataset, split_federated
-from fededge.data import Dataset as RawDataset
-from fededge.export import EvalData, ExportResult, StudentMeta, export_student
-from fededge.models import build_student, image_zoo, tabular_zoo
+from fededge.edge import runtime
+from fededge.learn.data import FederatedSplit, load_dataset, split_federated
+from fededge.learn.data import Dataset as RawDataset
+from fededge.delivery.export import EvalData, ExportResult, StudentMeta, export_student
+from fededge.learn.models import build_student, image_zoo, tabular_zoo
 from fededge.profiles import get_profile
-from fededge.trainer import Trainer
+from fededge.learn.trainer import Trainer
 
 PROFILE = "x86-gateway"
 BATCHES = (1, 32)

@@ -1,9 +1,9 @@
 """Accuracy cost of local differential privacy on uploaded logits (digits, fedmd, ERA).
 
-Runs the same simulated federation (``fededge.simulate.run_simulation``: embedded broker, real
+Runs the same simulated federation (``fededge.sim.simulate.run_simulation``: embedded broker, real
 MQTT, the default heterogeneous profiles, Dirichlet alpha 0.5, one seed) without noise and at
 two or more noise multipliers, and reports the final mean test accuracy next to the
-(epsilon, delta) that ``fededge.privacy`` accounts for each setting. The local-only baseline
+(epsilon, delta) that ``fededge.learn.privacy`` accounts for each setting. The local-only baseline
 (every device on its own data, no federation) is the floor that more noise pushes toward.
 
     python benchmarks/bench_privacy.py [--rounds 10] [--out benchmarks/results/privacy.md]
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from fededge.config import FederationConfig
-from fededge.privacy import privacy_report
-from fededge.simulate import SimulationOptions, run_simulation
+from fededge.learn.privacy import privacy_report
+from fededge.sim.simulate import SimulationOptions, run_simulation
 
 CLIP = 10.0     # about the median L2 norm of a trained student's logit row on digits
 # (noise multiplier, rows per round (0 = the whole proxy set), aggregator). 0.01 isolates the

@@ -37,15 +37,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fededge import protocol as proto
-from fededge.client import FederationClient
+from fededge.wire import protocol as proto
+from fededge.federation.client import FederationClient
 from fededge.config import FederationConfig
-from fededge.data import ClientData, FederatedSplit, load_dataset, split_federated
-from fededge.server import FederationServer
-from fededge.simulate import (SimulationOptions, build_client, federation_config,
+from fededge.learn.data import ClientData, FederatedSplit, load_dataset, split_federated
+from fededge.federation.server import FederationServer
+from fededge.sim.simulate import (SimulationOptions, build_client, federation_config,
                               plan_participants)
-from fededge.strategy import Payload, announced_rows, strategy_pair
-from fededge.transport import MemoryHub, Transport
+from fededge.federation.strategies import strategy_pair
+from fededge.federation.strategies.base import Payload
+from fededge.federation.strategies.fedmd import announced_rows
+from fededge.transport.base import Transport
+from fededge.transport.memory import MemoryHub
 
 ATTACKS = ("none", "absent", "random", "random+counts", "label-flip")
 REFERENCES = ("none", "absent")  # not attacks: with devices 8 and 9 honest, or not there at all

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fededge.simulate import SimulationOptions, run_simulation
+from fededge.sim.simulate import SimulationOptions, run_simulation
 
 
 def run(alpha: float, seed: int, rounds: int, clients: int) -> dict:

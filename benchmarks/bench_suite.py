@@ -91,7 +91,7 @@ def scale_cells(sizes: list[int], rounds: int) -> list[Cell]:
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Run one cell in this process (called in a fresh child by ``measure``)."""
-    from fededge.simulate import SimulationOptions, run_simulation
+    from fededge.sim.simulate import SimulationOptions, run_simulation
 
     with tempfile.TemporaryDirectory(prefix="fededge-suite-") as tmp:
         started = time.perf_counter()
@@ -125,7 +125,7 @@ def measure(cell: Cell) -> dict[str, Any]:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-        if last.startswith("fededge.data.DataError:"):  # e.g. wine is too small for α = 0.1
+        if last.startswith("fededge.learn.data.DataError:"):  # e.g. wine is too small for α = 0.1
             return {**asdict(cell), "key": cell.key, "skipped": last.split(": ", 1)[1]}
         raise RuntimeError(f"{cell.key} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

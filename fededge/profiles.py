@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # models needs torch; reading a profile must not (the edge agent reads one)
-    from fededge import models
+    from fededge.learn import models
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -318,7 +318,7 @@ def pick_student(
     Training memory only counts when the profile can train; otherwise the choice is
     ``inference_only`` (the device runs a student trained elsewhere).
     """
-    from fededge import models
+    from fededge.learn import models
 
     zoo = models.zoo_for(input_shape)
     for name in reversed(zoo):
@@ -353,7 +353,7 @@ def inference_exceeds(
 ) -> dict[str, str]:
     """The budgets ``student`` exceeds when ``profile`` only runs it (an agent-only device
     receives a model trained elsewhere, so training memory does not count)."""
-    from fededge import models
+    from fededge.learn import models
 
     cost = models.estimate_cost(student, input_shape, num_classes)
     return _exceeded_budgets(cost, estimate_latency_ms(cost, profile), profile, trains=False)
@@ -385,7 +385,7 @@ def _exceeded_budgets(
 def _no_fit_message(
     profile: DeviceProfile, smallest: str, input_shape: Sequence[int], num_classes: int
 ) -> str:
-    from fededge import models
+    from fededge.learn import models
 
     cost = models.estimate_cost(smallest, input_shape, num_classes)
     exceeded = _exceeded_budgets(cost, estimate_latency_ms(cost, profile), profile,

@@ -22,6 +22,6 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def digits_iid():
     """Digits split for one client: test, proxy and the private pool, for model-level tests."""
-    from fededge.data import load_dataset, split_federated
+    from fededge.learn.data import load_dataset, split_federated
 
     return split_federated(load_dataset("digits"), 1, partition="iid", seed=0)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fededge.broker import BrokerError, mosquitto_binary
-from fededge.client import DeviceIdentity, FederationClient, LocalData
+from fededge.transport.brokers import BrokerError, mosquitto_binary
+from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
 from fededge.config import FederationConfig
-from fededge.data import load_dataset, split_federated
-from fededge.models import build_student
-from fededge.trainer import Trainer
+from fededge.learn.data import load_dataset, split_federated
+from fededge.learn.models import build_student
+from fededge.learn.trainer import Trainer
 
 STUDENTS = ("cnn-xs", "cnn-s", "cnn-m")
 

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-import fededge.aggregate as agg
+import fededge.learn.aggregate as agg
 
-from fededge.aggregate import (
+from fededge.learn.aggregate import (
     AGGREGATORS,
     AggregationError,
     UnknownAggregatorError,

@@ -6,13 +6,14 @@ import struct
 import numpy as np
 import pytest
 
-from fededge.broker import EmbeddedBroker
-from fededge.chunking import (HEADER_BYTES, ChunkError, ChunkingTransport, Reassembler, is_chunk,
+from fededge.transport.brokers import EmbeddedBroker
+from fededge.transport.chunking import (HEADER_BYTES, ChunkError, ChunkingTransport, Reassembler, is_chunk,
                               split)
-from fededge.server import FederationServer
-from fededge.strategy import FedAvgServer
-from fededge.transport import MemoryHub, MqttTransport
-from fededge.weights import flat_weights
+from fededge.federation.server import FederationServer
+from fededge.federation.strategies.fedavg import FedAvgServer
+from fededge.transport.memory import MemoryHub
+from fededge.transport.mqtt import MqttTransport
+from fededge.learn.weights import flat_weights
 
 from helpers import make_client, small_config, small_split
 

@@ -3,7 +3,7 @@
 import numpy as np
 from typer.testing import CliRunner
 
-from fededge.cli import app
+from fededge.cli.app import app
 
 runner = CliRunner()
 
@@ -63,7 +63,7 @@ def test_unknown_partition_and_strategy(tmp_path):
 
 
 def test_straggle_and_settings_reach_the_simulation(monkeypatch, tmp_path):
-    import fededge.simulate
+    import fededge.sim.simulate
     from fededge.config import ConfigError
 
     seen = {}
@@ -72,7 +72,7 @@ def test_straggle_and_settings_reach_the_simulation(monkeypatch, tmp_path):
         seen["opts"] = opts
         raise ConfigError("stop here")
 
-    monkeypatch.setattr(fededge.simulate, "run_simulation", capture)
+    monkeypatch.setattr(fededge.sim.simulate, "run_simulation", capture)
     code, out = _invoke("simulate", "--straggle", "0.5", "--set", "deadline_s=7",
                         "--out", str(tmp_path / "r"))
     assert code == 2 and "stop here" in out

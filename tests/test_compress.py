@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fededge import protocol as proto
-from fededge.compress import CODECS, bytes_per_value, codec_for
+from fededge.wire import protocol as proto
+from fededge.wire.codecs import CODECS, bytes_per_value, codec_for
 from fededge.config import ConfigError, FederationConfig
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fededge.data import (
+from fededge.learn.data import (
     PARTITIONERS,
     DataError,
     Standardizer,

@@ -24,21 +24,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fededge import delivery, pki, runtime
-from fededge.agent import Agent
-from fededge.broker import free_port, wait_for_port
-from fededge.cli import app
-from fededge.data import load_dataset, split_federated
-from fededge.deploy import Deployment, deploy, load_signer
-from fededge.export import EvalData, StudentMeta, export_student
-from fededge.install import Installs, Pointer
-from fededge.kit import load_kit
-from fededge.manifest import verify_manifest
-from fededge.models import build_student
+from fededge.delivery import bundle as delivery
+
+from fededge.kits import pki
+
+from fededge.edge import runtime
+from fededge.edge.agent import Agent
+from fededge.transport.brokers import free_port, wait_for_port
+from fededge.cli.app import app
+from fededge.learn.data import load_dataset, split_federated
+from fededge.delivery.deploy import Deployment, deploy, load_signer
+from fededge.delivery.export import EvalData, StudentMeta, export_student
+from fededge.edge.installs import Installs, Pointer
+from fededge.kits.kit import load_kit
+from fededge.kits.manifest import verify_manifest
+from fededge.learn.models import build_student
 from fededge.profiles import get_profile
-from fededge.provision import provision
-from fededge.topics import Topics
-from fededge.transport import TransportError
+from fededge.kits.provision import provision
+from fededge.wire.topics import Topics
+from fededge.transport.base import TransportError
 from helpers import EDGE_BLOCKED, blocked_env, run_blocked, stdout_of
 from kit_helpers import (AGENT, REPO, Processes, collect, connect_party, federation_file,
                          has_mosquitto)
@@ -180,13 +184,13 @@ def test_deploy_to_a_torch_free_agent_update_and_roll_back(fed, tmp_path):
             device, second.version, i) for i in range(second.chunks))}
 
         out = stdout_of(run_blocked(tmp_path, EDGE_BLOCKED, [
-            "-m", "fededge.cli", "agent", "--kit", str(kit), "--rollback"], cwd=REPO))
+            "-m", "fededge.cli.app", "agent", "--kit", str(kit), "--rollback"], cwd=REPO))
         assert f"serving {first.version} instead of {second.version}" in out
         _poll(health, first.version, seconds=5)  # the running agent switched
 
         logits = tmp_path / "logits.npy"
         out = stdout_of(run_blocked(tmp_path, EDGE_BLOCKED, [
-            "-m", "fededge.cli", "infer", str(kit), str(fed.data), "--save-logits",
+            "-m", "fededge.cli.app", "infer", str(kit), str(fed.data), "--save-logits",
             str(logits)], cwd=REPO))
         assert f"model.onnx ({first.version})" in out and "accuracy:" in out
         assert np.array_equal(np.load(logits), reference.logits(fed.X))
@@ -220,9 +224,9 @@ def test_a_crash_mid_install_leaves_the_previous_model_serving(fed, tmp_path):
     # swapping the pointer.
     crash = textwrap.dedent(f"""
         import os, sys
-        import fededge.install
-        fededge.install.Installs._swap = lambda self, pointer: os._exit(9)
-        from fededge.cli import app
+        import fededge.edge.installs
+        fededge.edge.installs.Installs._swap = lambda self, pointer: os._exit(9)
+        from fededge.cli.app import app
         sys.argv = ["fededge", "agent", "--kit", {str(kit)!r}, "--once", "--timeout", "20"]
         app()
     """)
@@ -439,7 +443,7 @@ def test_device_commands_report_bad_input_in_one_line_without_torch(tmp_path):
     ImportError traceback while the CLI looks up which exceptions are user errors."""
     not_a_kit = tmp_path / "not-a-kit"
     not_a_kit.mkdir()
-    proc = run_blocked(tmp_path, EDGE_BLOCKED, ["-m", "fededge.cli", "verify-kit",
+    proc = run_blocked(tmp_path, EDGE_BLOCKED, ["-m", "fededge.cli.app", "verify-kit",
                                                 str(not_a_kit)], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stdout and "no manifest.json" in proc.stdout

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fededge.distill import kd_loss, kd_objective, kd_terms, soften
+from fededge.learn.kd import kd_loss, kd_objective, kd_terms, soften
 
 LN2 = math.log(2.0)
 

@@ -1,5 +1,5 @@
 """Fault injection with real processes: a Mosquitto broker, the server and three clients as
-separate OS processes (`python -m fededge.node`), killed with SIGKILL or stopped for real."""
+separate OS processes (`python -m fededge.sim.fleet`), killed with SIGKILL or stopped for real."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from fededge.node import Fleet
-from fededge.simulate import SimulationOptions, run_simulation
+from fededge.sim.fleet import Fleet
+from fededge.sim.simulate import SimulationOptions, run_simulation
 
 from helpers import REQUIRES_MOSQUITTO
 

@@ -5,10 +5,11 @@ import threading
 import numpy as np
 import pytest
 
-from fededge import protocol as proto
-from fededge.server import FederationError, FederationServer
-from fededge.strategy import FedMDServer, Payload, announced_rows
-from fededge.transport import MemoryHub
+from fededge.wire import protocol as proto
+from fededge.federation.server import FederationError, FederationServer
+from fededge.federation.strategies.base import Payload
+from fededge.federation.strategies.fedmd import FedMDServer, announced_rows
+from fededge.transport.memory import MemoryHub
 
 from helpers import make_client, small_config, small_split
 

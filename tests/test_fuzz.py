@@ -13,13 +13,14 @@ import threading
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from fededge import protocol as proto
-from fededge.broker import MosquittoBroker
-from fededge.client import FederationClient
-from fededge.server import FederationServer, ServerEvents
-from fededge.store import Store
-from fededge.strategy import FedMDServer, Payload, announced_rows
-from fededge.transport import MqttTransport
+from fededge.wire import protocol as proto
+from fededge.transport.brokers import MosquittoBroker
+from fededge.federation.client import FederationClient
+from fededge.federation.server import FederationServer, ServerEvents
+from fededge.federation.store import Store
+from fededge.federation.strategies.base import Payload
+from fededge.federation.strategies.fedmd import FedMDServer, announced_rows
+from fededge.transport.mqtt import MqttTransport
 
 from helpers import REQUIRES_MOSQUITTO, make_client, small_config, small_split
 
@@ -181,7 +182,7 @@ def _consensus(store: Store, rounds: int) -> list[bytes]:
 def test_hostile_payloads_are_all_rejected_and_change_nothing(tmp_path, caplog):
     split = small_split(N_CLIENTS)
     clean, _, _ = _federation(split, tmp_path / "clean", attack=False)
-    with caplog.at_level(logging.WARNING, logger="fededge.server"):
+    with caplog.at_level(logging.WARNING, logger="fededge.federation.server"):
         attacked, history, fuzzer = _federation(split, tmp_path / "attacked", attack=True)
 
     assert fuzzer.sent == HOSTILE

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fededge.kit import BrokerAccess, DatasetRef, Kit
+from fededge.kits.kit import BrokerAccess, DatasetRef, Kit
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "devices" / "install.sh"

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fededge import models
+from fededge.learn import models
 
 IMAGE_SHAPES = [(1, 8, 8), (3, 32, 32), (1, 28, 28)]
 TABULAR_SHAPES = [(13,), (64,)]

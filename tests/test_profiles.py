@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fededge import models, profiles
+from fededge.learn import models
+
+from fededge import profiles
 
 DIGITS = ((1, 8, 8), 10)
 SHIPPED = {

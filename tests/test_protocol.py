@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from fededge import protocol as proto
+from fededge.wire import protocol as proto
 
 TOPICS = proto.Topics("fed1")
 

@@ -20,19 +20,20 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fededge import mosquitto_files as mq
-from fededge import pki
-from fededge import protocol as proto
-from fededge.broker import free_port, mosquitto_binary, wait_for_port
-from fededge.cli import app
+from fededge.kits import mosquitto as mq
+from fededge.kits import pki
+from fededge.wire import protocol as proto
+from fededge.transport.brokers import free_port, mosquitto_binary, wait_for_port
+from fededge.cli.app import app
 from fededge.config import ConfigError, FederationConfig
-from fededge.fedfile import FederationFileError
-from fededge.kit import load_kit
-from fededge.manifest import verify_manifest
-from fededge.privacy import (LocalPrivacy, clip_rows, delta_for, epsilon_for, privacy_report,
+from fededge.kits.fedfile import FederationFileError
+from fededge.kits.kit import load_kit
+from fededge.kits.manifest import verify_manifest
+from fededge.learn.privacy import (LocalPrivacy, clip_rows, delta_for, epsilon_for, privacy_report,
                              release_mu)
-from fededge.provision import provision
-from fededge.transport import MemoryHub, TransportError
+from fededge.kits.provision import provision
+from fededge.transport.base import TransportError
+from fededge.transport.memory import MemoryHub
 from helpers import requires_mosquitto
 from kit_helpers import (AGENT, DEVICES, EXAMPLE, REPO, Processes, collect, connect_party,
                          federation_file, has_mosquitto)
@@ -416,7 +417,7 @@ def test_privacy_settings_are_checked_and_reported():
 
 
 def test_device_refuses_a_server_config_weaker_than_its_kit():
-    from fededge.runner import ConfigGuard
+    from fededge.kits.run import ConfigGuard
 
     hub = MemoryHub()
     floor = FederationConfig(federation="demo", ldp_noise_multiplier=2.0,
@@ -437,7 +438,8 @@ def test_device_refuses_a_server_config_weaker_than_its_kit():
 
 
 def test_fedmd_reply_noises_logits_on_the_device():
-    from fededge.strategy import ClientContext, FedMDClient, FedMDServer
+    from fededge.federation.strategies.base import ClientContext
+    from fededge.federation.strategies.fedmd import FedMDClient, FedMDServer
 
     class Fixed:
         def logits(self, rows):
@@ -551,7 +553,7 @@ def test_full_federation_from_kits_over_tls(secured):
 
 
 def test_broker_without_mosquitto_names_the_debian_package(tmp_path, monkeypatch):
-    import fededge.broker as broker
+    import fededge.transport.brokers as broker
 
     provision(federation_file(tmp_path), tmp_path / "kits")
     monkeypatch.setattr(broker.shutil, "which", lambda name: None)
@@ -640,8 +642,8 @@ def test_revocation_reaches_a_running_broker_on_sighup(tmp_path):
 
 
 def test_a_dataset_file_ships_in_every_kit_and_devices_bring_their_own_data(tmp_path):
-    from fededge.data import load_dataset
-    from fededge.runner import _local_data, private_data
+    from fededge.learn.data import load_dataset
+    from fededge.kits.run import _local_data, private_data
 
     digits = load_dataset("digits")
     np.savez(tmp_path / "public.npz", X=digits.X[:600], y=digits.y[:600],

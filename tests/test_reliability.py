@@ -11,15 +11,16 @@ import time
 import pytest
 import torch
 
-from fededge import protocol as proto
-from fededge.client import load_trainer_state, save_trainer_state
-from fededge.models import build_student
-from fededge.server import FederationError, FederationServer, ServerEvents
-from fededge.simulate import SimulationOptions, plan_participants, slowdown
-from fededge.store import Store, StoreError
-from fededge.strategy import FedMDServer
-from fededge.trainer import Trainer
-from fededge.transport import MemoryHub, Transport
+from fededge.wire import protocol as proto
+from fededge.federation.client import load_trainer_state, save_trainer_state
+from fededge.learn.models import build_student
+from fededge.federation.server import FederationError, FederationServer, ServerEvents
+from fededge.sim.simulate import SimulationOptions, plan_participants, slowdown
+from fededge.federation.store import Store, StoreError
+from fededge.federation.strategies.fedmd import FedMDServer
+from fededge.learn.trainer import Trainer
+from fededge.transport.base import Transport
+from fededge.transport.memory import MemoryHub
 
 from helpers import make_client, small_config, small_split
 
@@ -262,7 +263,7 @@ def test_stragglers_sleep_by_their_relative_compute(split):
 
 def _simulate(out, *extra):
     return subprocess.Popen(
-        [sys.executable, "-m", "fededge.cli", "simulate", "--clients", "3", "--rounds", "3",
+        [sys.executable, "-m", "fededge.cli.app", "simulate", "--clients", "3", "--rounds", "3",
          "--profiles", "pi-zero-2w,pi-4-4gb,pi-5-8gb", "--seed", "1", "--no-baselines",
          "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -1,8 +1,8 @@
 import pytest
 
 from fededge.config import ConfigError, FederationConfig
-from fededge.report import round_rows, union_seconds, write_plot
-from fededge.server import RoundRecord
+from fededge.federation.report import round_rows, union_seconds, write_plot
+from fededge.federation.server import RoundRecord
 
 
 def test_union_counts_overlapping_intervals_once_and_clips():

@@ -13,13 +13,13 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from fededge import runtime
-from fededge.cli_model import infer_cmd
-from fededge.export import EvalData, StudentMeta, export_student
-from fededge.models import build_student
+from fededge.edge import runtime
+from fededge.cli.model import infer_cmd
+from fededge.delivery.export import EvalData, StudentMeta, export_student
+from fededge.learn.models import build_student
 from fededge.profiles import get_profile
-from fededge.runtime import EdgeModel, InferenceError
-from fededge.trainer import Trainer
+from fededge.edge.runtime import EdgeModel, InferenceError
+from fededge.learn.trainer import Trainer
 from helpers import run_blocked, stdout_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def test_bundle_runner_needs_neither_torch_nor_fededge(bundle, data_npz, tmp_pat
 def test_infer_command_needs_no_torch(bundle, data_npz, tmp_path):
     script = textwrap.dedent("""
         import typer
-        from fededge.cli_model import infer_cmd
+        from fededge.cli.model import infer_cmd
         app = typer.Typer()
         app.command()(infer_cmd)
         app()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fededge.simulate import SimulationError, SimulationOptions, run_simulation
+from fededge.sim.simulate import SimulationError, SimulationOptions, run_simulation
 
 from helpers import requires_mosquitto
 

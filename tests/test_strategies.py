@@ -4,16 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from fededge import protocol as proto
-from fededge.aggregate import AggregationError
+from fededge.wire import protocol as proto
+from fededge.learn.aggregate import AggregationError
 from fededge.config import ConfigError
-from fededge.models import build_student, estimate_cost
-from fededge.server import FederationServer
-from fededge.strategy import (ClientContext, FedAvgClient, FedAvgKDServer, FedAvgServer,
-                              FedDFServer, Payload, Reply, UnknownStrategyError, strategy_pair)
-from fededge.trainer import Trainer
-from fededge.transport import MemoryHub
-from fededge.weights import flat_weights
+from fededge.learn.models import build_student, estimate_cost
+from fededge.federation.server import FederationServer
+from fededge.federation.strategies import UnknownStrategyError, strategy_pair
+from fededge.federation.strategies.base import ClientContext, Payload, Reply
+from fededge.federation.strategies.fedavg import FedAvgClient, FedAvgKDServer, FedAvgServer
+from fededge.federation.strategies.feddf import FedDFServer
+from fededge.learn.trainer import Trainer
+from fededge.transport.memory import MemoryHub
+from fededge.learn.weights import flat_weights
 
 from helpers import make_client, small_config, small_split
 

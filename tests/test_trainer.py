@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from fededge.data import load_dataset, split_federated
-from fededge.trainer import Trainer
+from fededge.learn.data import load_dataset, split_federated
+from fededge.learn.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

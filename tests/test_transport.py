@@ -3,8 +3,10 @@ import time
 
 import pytest
 
-from fededge.broker import EmbeddedBroker, free_port
-from fededge.transport import (MemoryHub, MqttTransport, TransportError, publish_packet_size)
+from fededge.transport.brokers import EmbeddedBroker, free_port
+from fededge.transport.base import TransportError, publish_packet_size
+from fededge.transport.memory import MemoryHub
+from fededge.transport.mqtt import MqttTransport
 
 
 def _collector():

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from fededge.runtime import EdgeModel, load_npz
+from fededge.edge.runtime import EdgeModel, load_npz
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ def train_and_export(fededge: str, work: Path, log: Path) -> Trained:
 @contextlib.contextmanager
 def broker(fededge: str, kits: Path, port: int, log: Path) -> Iterator[None]:
     """``fededge broker --kit`` (Mosquitto with TLS, passwords and ACL) for the duration."""
-    from fededge.broker import wait_for_port
+    from fededge.transport.brokers import wait_for_port
 
     out = log.open("ab")
     proc = subprocess.Popen([fededge, "broker", "--kit", str(kits / "broker")], stdout=out,
@@ -120,7 +120,7 @@ def broker(fededge: str, kits: Path, port: int, log: Path) -> Iterator[None]:
 
 def reference_logits(model_dir: Path, test_npz: Path) -> np.ndarray:
     """x86 onnxruntime logits of the exported model: the reference arm64 must reproduce."""
-    from fededge.runtime import EdgeModel, load_npz
+    from fededge.edge.runtime import EdgeModel, load_npz
 
     X, _ = load_npz(test_npz)
     return EdgeModel(model_dir, threads=1).logits(X)

@@ -180,7 +180,7 @@ def prove(args, root: Path, logs: Path, work: Path, fededge: str, delivery: bool
                      f"({'downloaded' if fetched else 'cached'}) + {fededge_whl.name}")
 
     with timer.phase("federation") as notes:
-        from fededge.broker import free_port
+        from fededge.transport.brokers import free_port
 
         port = free_port()
         kits = work / "kits"

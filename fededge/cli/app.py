@@ -1,0 +1,194 @@
+"""The ``fededge`` command line. Each command is a thin shell over a library function; errors a
+user can cause are printed as one line naming the bad input, never as a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fededge.cli.model import export_cmd, infer_cmd
+from fededge.cli.output import console, fail, user_errors
+from fededge.federation.report import human_bytes, rounds_table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated knowledge distillation for heterogeneous edge devices.")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log protocol events.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def devices(data: Optional[str] = typer.Option(
+        None, help="Dataset whose input shape sizes the students: digits (default), wine, or a "
+                   ".npz file.")) -> None:
+    """Show every device profile and the student it would train."""
+    try:
+        from fededge.learn.data import load_dataset
+        from fededge.profiles import describe_catalog
+
+        dataset = load_dataset(data)
+        choices = describe_catalog(tuple(dataset.input_shape), dataset.num_classes)
+    except user_errors() as exc:
+        fail(exc)
+    table = Table(title=f"Device profiles → students for {dataset.name} "
+                        f"(input {'×'.join(map(str, dataset.input_shape))}, "
+                        f"{dataset.num_classes} classes)")
+    for col, justify in (("profile", "left"), ("arch", "left"), ("RAM", "right"),
+                         ("peak GFLOPS", "right"), ("student", "left"), ("params", "right"),
+                         ("MFLOPs", "right"), ("train mem", "right"), ("latency", "right")):
+        table.add_column(col, justify=justify)
+    for c in choices:
+        p = c.profile
+        student = c.student or "[red]none fits[/]"
+        if c.inference_only and c.student:
+            student += " (inference only)"
+        cost = c.cost
+        table.add_row(p.name, p.arch, f"{p.ram_mb / 1024:.1f} GiB", f"{p.peak_gflops:,.0f}",
+                      student, f"{cost.params:,}" if cost else "—",
+                      f"{cost.flops / 1e6:.2f}" if cost else "—",
+                      human_bytes(cost.train_memory_bytes) if cost and p.can_train else "—",
+                      f"{c.latency_ms:.3f} ms" if c.latency_ms is not None else "—")
+    console.print(table)
+
+
+@app.command()
+def simulate(
+    data: Optional[str] = typer.Option(None, help="digits (default), wine, or PATH.npz with X, y "
+                                                  "and optional X_public."),
+    clients: int = typer.Option(10, help="Number of simulated devices."),
+    rounds: int = typer.Option(20, help="Federation rounds."),
+    partition: str = typer.Option("dirichlet", help="iid, dirichlet or shards."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more skewed)."),
+    seed: int = typer.Option(0, help="Seed for the split, models and proxy subsets."),
+    aggregator: str = typer.Option("era", help="mean, prob-mean, era, weighted, median, "
+                                               "trimmed-mean (the last two resist Byzantine "
+                                               "clients)."),
+    strategy: str = typer.Option("fedmd", help="fedmd (logit distillation), feddf (fedmd with a "
+                                               "server model as teacher), fedavg (weight "
+                                               "averaging, one student) or fedavg-kd (a FedAvg "
+                                               "teacher distilled into each student)."),
+    profiles: Optional[str] = typer.Option(None, help="Comma-separated device profiles assigned "
+                                                      "round-robin (default: all that train)."),
+    out: Path = typer.Option(Path("runs/latest"), help="Run directory for metrics, plot and "
+                                                        "checkpoints."),
+    broker: str = typer.Option("embedded", help="embedded (amqtt, in-process) or mosquitto "
+                                                "(a local mosquitto process)."),
+    baselines: bool = typer.Option(True, help="Also train local-only and centralized baselines."),
+    student: Optional[str] = typer.Option(None, help="Every device trains this student (default: "
+                                                     "each profile picks; fedavg: the largest "
+                                                     "all can train)."),
+    codec: str = typer.Option("float16", help="Logit encoding on the wire: float16, int8 or "
+                                              "topk."),
+    max_message: int = typer.Option(0, help="Send payloads above this many bytes in chunks "
+                                            "(0: never), for brokers that cap message size."),
+    straggle: float = typer.Option(0.0, min=0.0, help="Make slow profiles real stragglers: each "
+                                   "client sleeps STRAGGLE x (fastest relative compute / its "
+                                   "own - 1) x its training time (0: off)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Federation setting "
+                                                 "KEY=VALUE, repeatable (e.g. --set "
+                                                 "local_epochs=5)."),
+) -> None:
+    """Run a whole federation on this machine: broker, server and clients over real MQTT."""
+    from fededge.sim.simulate import SimulationOptions, run_simulation
+
+    opts = SimulationOptions(
+        data=data, clients=clients, rounds=rounds, partition=partition, alpha=alpha, seed=seed,
+        aggregator=aggregator, strategy=strategy, out=out, broker=broker, baselines=baselines,
+        profiles=[p for p in profiles.split(",") if p.strip()] if profiles else None,
+        student=student, max_message=max_message, straggle=straggle,
+        overrides={"logit_codec": codec, **_settings(settings or [])})
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                        TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task("federating", total=rounds, status="preparing data")
+
+        def on_round(row, message: str) -> None:
+            if row is None:
+                progress.update(task, status=message)
+            else:
+                progress.update(task, completed=row.round,
+                                status=f"round {row.round}: mean accuracy "
+                                       f"{100 * (row.mean_accuracy or 0):.1f}%")
+        try:
+            result = run_simulation(opts, on_round)
+        except user_errors() as exc:
+            progress.stop()
+            fail(exc)
+    _print_simulation(result)
+
+
+def _settings(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` federation settings; values parse as JSON (numbers, true/false) or text."""
+    from fededge.config import FederationConfig
+
+    known = {f.name for f in dataclasses.fields(FederationConfig)}
+    settings: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def _print_simulation(result) -> None:
+    s = result.summary
+    console.print(rounds_table(result.rows, title="Per-round results (all clients)"))
+    clients = Table(title="Clients")
+    for col in ("device", "profile", "student", "params", "accuracy", "local-only",
+                "centralized"):
+        clients.add_column(col, justify="left" if col in ("device", "profile", "student")
+                           else "right")
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for c in s["clients"]:
+        clients.add_row(c["id"], c["profile"], c["student"], f"{c['params']:,}",
+                        pct(c["accuracy"]), pct(c.get("local_only_accuracy")),
+                        pct(c.get("centralized_accuracy")))
+    console.print(clients)
+    console.print(
+        f"[bold]{s['strategy']} mean accuracy {pct(s['mean_accuracy'])}[/] · local-only "
+        f"{pct(s['local_only_mean_accuracy'])} · centralized {pct(s['centralized_mean_accuracy'])}"
+        f"\ntraffic: {human_bytes(s['bytes_up'])} up, {human_bytes(s['bytes_down'])} down "
+        f"({human_bytes(s['bytes_per_client_round'])} per client per round); uploads "
+        f"{s['uploads_accepted']}/{s['uploads_expected']} accepted"
+        f"\ntime: {s['wall_seconds']:.1f} s total, federation {s['federation_seconds']:.1f} s, "
+        f"{100 * (s['overhead_share'] or 0):.1f}% of it outside training and evaluation"
+        f"\nwrote {result.out}/summary.json, metrics.jsonl, rounds.png and clients/*/ checkpoints",
+        highlight=False)
+
+
+app.command("export")(export_cmd)
+app.command("infer")(infer_cmd)
+
+# Deployment: kits, the production broker, and the server and devices run from kits.
+from fededge.cli.kit import broker_cmd, client_cmd, provision_cmd, server_cmd, verify_kit_cmd  # noqa: E402
+
+app.command("provision")(provision_cmd)
+app.command("verify-kit")(verify_kit_cmd)
+app.command("broker")(broker_cmd)
+app.command("server")(server_cmd)
+app.command("client")(client_cmd)
+
+# Model delivery: the server side (deploy) and the device side (agent, torch-free).
+from fededge.cli.deploy import agent_cmd, deploy_cmd  # noqa: E402
+
+app.command("deploy")(deploy_cmd)
+app.command("agent")(agent_cmd)
+
+
+if __name__ == "__main__":
+    app()

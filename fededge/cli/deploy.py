@@ -1,0 +1,139 @@
+"""``fededge deploy`` and ``fededge agent``: the model-delivery commands that ``cli.py`` registers.
+
+``agent`` runs on devices that have only the ``edge`` extra, so nothing this module imports,
+at its top or inside the commands, may import torch, scikit-learn, safetensors or amqtt.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from fededge.cli.output import console, fail
+from fededge.delivery.bundle import DEFAULT_CHUNK_BYTES, DeliveryError
+from fededge.edge.installs import InstallError, Installs
+from fededge.kits.kit import KitError, load_kit
+from fededge.kits.pki import PkiError
+from fededge.profiles import ProfileError
+from fededge.federation.report import human_bytes
+from fededge.transport.base import TransportError
+
+
+def deploy_cmd(
+    export_dir: Path = typer.Argument(..., help="Export root with one directory per device, as "
+                                                "written by `fededge export --out`."),
+    kit: Path = typer.Option(..., "--kit", help="The server kit (KITS/server); its deploy.crt "
+                                                "signs the bundles."),
+    devices: Optional[list[str]] = typer.Option(
+        None, "--device", help="Deploy to this device (repeatable; default: every device of "
+                               "the federation with a bundle in EXPORT_DIR)."),
+    chunk_bytes: int = typer.Option(DEFAULT_CHUNK_BYTES, "--chunk-bytes",
+                                    help="Bytes per retained chunk message."),
+    wait: float = typer.Option(0.0, "--wait", min=0, help="Then wait up to this many seconds "
+                               "for each device's agent to report the bundle installed or "
+                               "refused (exit 1 unless all installed)."),
+    timeout: float = typer.Option(60.0, "--timeout", min=1, help="Seconds to wait for the "
+                                  "broker to acknowledge every message."),
+) -> None:
+    """Publish each device's exported model, signed and retained, to that device only."""
+    from fededge.delivery.deploy import DeployError, deploy
+
+    try:
+        with console.status("signing and publishing..."):
+            results = deploy(export_dir, kit, devices or [], chunk_bytes=chunk_bytes,
+                             timeout=timeout, wait=wait)
+    except (DeployError, DeliveryError, KitError, PkiError, TransportError, OSError) as exc:
+        fail(exc)
+    table = Table(title="Deployed, retained on the broker until replaced (cleared: stale "
+                        "chunks of earlier versions)")
+    for col in ["device", "version", "files", "bytes", "chunks", "cleared"] + (
+            ["agent"] if wait else []):
+        text = col in ("device", "version", "agent")
+        table.add_column(col, justify="left" if text else "right", overflow="fold")
+    for r in results:
+        device = r.device if r.source is None else f"{r.device} (model of {r.source})"
+        table.add_row(device, r.version, str(r.files), human_bytes(r.bytes), str(r.chunks),
+                      str(r.cleared), *([r.agent] if wait else []))
+    console.print(table)
+    if wait and any(r.agent != "installed" for r in results):
+        raise typer.Exit(code=1)
+
+
+def agent_cmd(
+    kit: Path = typer.Option(..., "--kit", help="This device's kit (KITS/<device>)."),
+    http: Optional[int] = typer.Option(
+        None, "--http", min=0, max=65535, help="Also serve predictions over HTTP on this port "
+                                               "(0: any free port): POST /predict, GET /health."),
+    bind: str = typer.Option("127.0.0.1", "--bind", help="Address of the HTTP endpoint. It has "
+                             "no authentication: keep it on the device."),
+    once: bool = typer.Option(False, "--once", help="Exit after the first deployment: 0 once "
+                              "installed (or already installed), 1 if refused."),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", min=0, help="Stop after this many seconds (with --once: exit 1 if "
+                                       "nothing was installed by then)."),
+    rollback: bool = typer.Option(False, "--rollback", help="Serve the previous version again "
+                                  "and exit; a running agent switches within a second."),
+) -> None:
+    """Receive, verify and install this device's models; serve the installed one."""
+    if rollback:
+        if once or http is not None or timeout is not None:
+            fail(ValueError("--rollback changes the installed version and exits; drop --once, "
+                             "--http and --timeout"))
+        _rollback(kit)
+        return
+    from fededge.edge.agent import Agent
+    from fededge.edge.http import serve
+
+    try:
+        agent = Agent(load_kit(kit), events=lambda line: console.print(line, highlight=False))
+        agent.start()
+    except (KitError, ProfileError, InstallError, TransportError) as exc:
+        fail(exc)
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run `finally`
+    server, outcome = None, None
+    try:
+        if http is not None:
+            try:
+                server = serve(agent, bind, http)
+            except OSError as exc:
+                fail(ValueError(f"--http {http}: cannot listen on {bind}:{http} "
+                                 f"({exc.strerror}); choose another port"))
+            agent.http_port = server.server_address[1]
+            console.print(f"serving http://{bind}:{agent.http_port}/predict and /health",
+                          highlight=False)
+        served = agent.served.version if agent.served else "nothing yet"
+        console.print(f"agent of {agent.kit.device!r} in federation {agent.kit.federation!r}: "
+                      f"serving {served}, waiting for deployments", highlight=False)
+        outcome = agent.run(once=once, timeout=timeout)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if server is not None:
+            server.shutdown()
+        agent.stop()
+    if not once:
+        return
+    if outcome is None:
+        fail(code=1, problem=f"no deployment arrived within {timeout:g} s" if timeout is not None
+                   else "stopped before a deployment arrived")
+    if outcome.rejected:
+        fail(code=1, problem=f"refused the deployment: {outcome.rejected}")
+    console.print(f"{'already ' if outcome.already else ''}installed {outcome.installed}",
+                  highlight=False)
+
+
+def _rollback(kit: Path) -> None:
+    try:
+        load_kit(kit)
+        pointer = Installs.of_kit(kit).rollback()
+    except (KitError, InstallError) as exc:
+        fail(exc)
+    console.print(f"rolled back: serving {pointer.current} instead of {pointer.previous}; "
+                  f"{pointer.previous} will not be re-installed from its retained deployment "
+                  "(deploy a new bundle to move on)", highlight=False)

@@ -1,0 +1,181 @@
+"""Deployment commands that ``cli.py`` registers: ``provision``, ``verify-kit``, ``broker``,
+``server`` and ``client``. Heavy modules (torch, via the runner and provisioning) are imported
+inside the commands so ``verify-kit`` and ``broker`` start instantly on a small device.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from fededge.cli.output import console, fail, pct, user_errors
+
+
+def _privacy_line(report: dict | None) -> str:
+    """One line from ``privacy.privacy_report`` or ``LocalPrivacy.report``."""
+    if report is None:
+        return "local differential privacy: off"
+    return (f"local differential privacy: ε = {report['epsilon_total']:.4g} over "
+            f"{report['releases']} uploads (ε = {report['epsilon_per_round']:.4g} per round) at "
+            f"δ = {report['delta']:g}")
+
+
+def provision_cmd(
+    federation_file: Path = typer.Argument(..., help="The federation file (see "
+                                                     "examples/federation.toml)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the kits; re-running on it keeps "
+                                                "existing credentials."),
+    revoke: Optional[list[str]] = typer.Option(None, "--revoke", help="Remove device ID from the "
+                                               "password file and ACL and delete its kit "
+                                               "(repeatable)."),
+) -> None:
+    """Write startup kits: configs, credentials, certificates and the broker's Mosquitto files."""
+    try:
+        from fededge.learn.privacy import privacy_report
+        from fededge.kits.provision import provision
+
+        result = provision(federation_file, out, revoke or [])
+    except user_errors() as exc:
+        fail(exc)
+    table = Table(title=f"Kits of federation {result.config.federation!r} in {result.out}")
+    for col in ("device", "profile", "role", "student", "credentials"):
+        table.add_column(col)
+    for d in result.devices:
+        student = d.student if d.model_from is None else f"{d.student} (model of {d.model_from})"
+        table.add_row(d.id, d.profile, d.role, student, d.status)
+    console.print(table)
+    for d in result.devices:
+        if d.note:
+            console.print(f"[yellow]note:[/] {escape(d.note)}", highlight=False)
+    for device in result.revoked:
+        console.print(f"revoked {device}: removed from the password file and ACL, kit deleted; "
+                      "reload the broker (SIGHUP or `systemctl reload fededge-broker`)")
+    for device in result.skipped:
+        console.print(f"[yellow]note:[/] {device} is still listed in {federation_file} but was "
+                      "revoked; it was skipped (give a replacement a new id)", highlight=False)
+    console.print(f"{_privacy_line(privacy_report(result.config))}\n"
+                  f"start: {result.out}/broker/start.sh, {result.out}/server/start.sh, then "
+                  f"each device's start.sh; check a kit with `fededge verify-kit DIR`",
+                  highlight=False)
+
+
+def verify_kit_cmd(
+    directory: Path = typer.Argument(..., help="The provision output or one kit in it."),
+) -> None:
+    """Check every file of a kit against its manifest (SHA-256); exit 1 on any difference."""
+    from fededge.kits.manifest import verify_manifest
+
+    try:
+        checked, problems = verify_manifest(directory)
+    except user_errors() as exc:
+        fail(exc)
+    for problem in problems:
+        console.print(f"[bold red]tampered:[/] {directory}/{problem}", highlight=False)
+    if problems:
+        raise typer.Exit(code=1)
+    console.print(f"{directory}: all {checked} files match the manifest", highlight=False)
+
+
+def broker_cmd(
+    kit: Optional[Path] = typer.Option(None, "--kit", help="A broker kit (KITS/broker): "
+                                       "Mosquitto with its TLS, passwords and ACL."),
+    embedded: Optional[bool] = typer.Option(None, "--embedded/--mosquitto",
+                                            help="Development brokers without a kit: amqtt in "
+                                                 "this process (default), or an anonymous local "
+                                                 "mosquitto."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (development brokers)."),
+    port: int = typer.Option(1883, help="Port to listen on (development brokers)."),
+) -> None:
+    """Run an MQTT broker until Ctrl-C: a kit's Mosquitto, or a development broker."""
+    from fededge.transport.brokers import EmbeddedBroker, MosquittoBroker
+
+    if kit is not None and embedded is not None:
+        fail(ValueError("--kit runs the kit's Mosquitto; drop --embedded/--mosquitto"))
+    if kit is not None:
+        from fededge.kits.broker import KitBroker
+
+        try:
+            broker = KitBroker(kit)
+            code = broker.run_foreground(lambda b: console.print(
+                f"mosquitto from {kit} listening on {b.host}:{b.port} (TLS; Ctrl-C to stop, "
+                "SIGHUP reloads passwords and ACL)", highlight=False))
+        except user_errors() as exc:
+            fail(exc)
+        raise typer.Exit(code=code if code > 0 else 0)
+    try:
+        dev = (EmbeddedBroker(host, port) if embedded in (None, True)
+               else MosquittoBroker(port=port, host=host)).start()
+    except user_errors() as exc:
+        fail(exc)
+    console.print(f"{'amqtt' if embedded in (None, True) else 'mosquitto'} development broker "
+                  f"listening on {host}:{port}, anonymous, no TLS (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dev.stop()
+
+
+def server_cmd(
+    kit: Path = typer.Option(..., "--kit", help="The server kit (KITS/server)."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Server state directory, for "
+                                         "resuming after a restart (default KIT/state)."),
+    join_timeout: float = typer.Option(300.0, help="Seconds to wait for the devices to join."),
+) -> None:
+    """Run the federation server from its kit: publish the config, drive every round."""
+    from fededge.kits.kit import load_kit
+    from fededge.federation.report import rounds_table
+    from fededge.kits.run import run_server
+    from fededge.federation.server import ServerEvents
+
+    def closed(record) -> None:
+        console.print(f"round {record.round}: {len(record.accepted)}/{len(record.participants)} "
+                      f"uploads, {record.seconds:.1f} s", highlight=False)
+    try:
+        loaded = load_kit(kit)
+        console.print(f"server of federation {loaded.federation!r}: waiting for "
+                      f"{len(loaded.devices)} devices", highlight=False)
+        done = run_server(loaded, state=state, join_timeout=join_timeout,
+                          events=ServerEvents(on_round_closed=closed))
+    except user_errors() as exc:
+        fail(exc)
+    console.print(rounds_table(done.rows, title="Per-round results (all devices)"))
+    console.print(f"federation done: {done.rounds} rounds, {done.accepted} uploads accepted, "
+                  f"{done.rejected} rejected", highlight=False)
+
+
+def client_cmd(
+    kit: Path = typer.Option(..., "--kit", help="This device's kit (KITS/<device>)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Private labelled .npz (X, y); "
+                                        "overrides client.toml's data or demo shard."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Checkpoint directory "
+                                         "(default KIT/state)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads (default: "
+                                          "the profile's, at most the CPU count)."),
+) -> None:
+    """Run one device from its kit until the federation's last round."""
+    from fededge.kits.kit import load_kit
+    from fededge.kits.run import device_kit, run_client
+
+    def progress(entry: dict) -> None:
+        label = "warm-up" if entry["round"] == 0 else f"round {entry['round']}"
+        console.print(f"{label}: accuracy {pct(entry.get('accuracy'))}", highlight=False)
+    try:
+        loaded = device_kit(load_kit(kit))
+        console.print(f"device {loaded.device!r} ({loaded.profile}, {loaded.student}) joining "
+                      f"{loaded.federation!r} at {loaded.broker.host}:{loaded.broker.port}",
+                      highlight=False)
+        result = run_client(loaded, data=data, state=state, threads=threads,
+                            on_progress=progress)
+    except user_errors() as exc:
+        fail(exc)
+    last = result.client.history[-1] if result.client.history else {}
+    console.print(f"federation done: final accuracy {pct(last.get('accuracy'))}; "
+                  f"{_privacy_line(result.privacy)}", highlight=False)

@@ -1,0 +1,2 @@
+"""Getting trained students onto devices: ONNX export with parity and int8, bundles and their
+signed descriptors, and `fededge deploy`."""

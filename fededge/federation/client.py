@@ -1,0 +1,377 @@
+"""One device in the federation: join, warm up, answer rounds, absorb consensus, checkpoint.
+
+The transport thread only queues messages; a worker thread does the learning, so slow training
+never blocks MQTT keep-alives. The client answers each round once and absorbs each consensus
+once; QoS-1 redeliveries and retained re-sends are ignored.
+
+Surviving failures: after warm-up and after every absorbed round the client checkpoints its
+whole trainer (weights, Adam state, shuffling RNG) with the run's ``run_id``. Restarted, it
+resumes from the checkpoint when the server announces the same run, absorbs the consensus it
+missed (published retained and self-contained) and answers the current round. It keeps each
+upload until the round's consensus arrives and re-sends it when the server's announcement lists
+it in ``waiting_for`` (the upload was lost to a broker or server restart), so the same bytes
+arrive again instead of a recomputed answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from fededge.wire import protocol as proto
+from fededge.config import ConfigError, FederationConfig
+from fededge.federation.server import unbundle_consensus
+from fededge.federation.strategies import strategy_pair
+from fededge.federation.strategies.base import ClientContext, ClientStrategy, Payload
+from fededge.learn.trainer import Trainer
+from fededge.transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+# How long a round announcement may wait for the previous round's consensus (brokers may reorder
+# messages of different topics) before the client answers it anyway.
+CONSENSUS_GRACE_S = 5.0
+
+STATE_FILE = "state.safetensors"
+"""The resume checkpoint: trainer tensors plus JSON metadata (run, round, byte counters)."""
+
+
+@dataclass
+class DeviceIdentity:
+    device_id: str
+    profile: str
+    student: str
+    params: int
+
+
+@dataclass
+class LocalData:
+    """Private labelled data, the shared proxy set, and an optional held-out evaluation set."""
+
+    private_X: np.ndarray
+    private_y: np.ndarray
+    public_X: np.ndarray
+    proxy_sha256: str
+    eval_X: np.ndarray | None = None
+    eval_y: np.ndarray | None = None
+
+
+@dataclass
+class _State:
+    config: FederationConfig | None = None
+    strategy: ClientStrategy | None = None
+    warmed_up: bool = False
+    absorbed: int = 0
+    # round → (upload, when it was sent), kept until the round's consensus is absorbed
+    uploads: dict[int, tuple[bytes, float]] = field(default_factory=dict)
+    pending_round: proto.Message | None = None
+    pending_since: float = 0.0
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_trainer_state(trainer: Trainer, path: Path, meta: dict[str, Any]) -> None:
+    """Trainer state as safetensors (no pickle): ``model.*`` weights, ``optim.<param>.<key>``
+    Adam tensors and the ``rng`` bytes; Adam's hyperparameters and ``meta`` go in the JSON
+    metadata."""
+    state = trainer.state_dict()
+    tensors = {f"model.{k}": v.contiguous() for k, v in state["model"].items()}
+    for index, per_param in state["optimizer"]["state"].items():
+        tensors.update({f"optim.{index}.{key}": value for key, value in per_param.items()})
+    tensors["rng"] = state["generator"]
+    header = {"param_groups": state["optimizer"]["param_groups"], "meta": meta}
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
+                                              metadata={"json": json.dumps(header)}))
+
+
+def load_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``Trainer.state_dict()``-shaped state, meta) from ``save_trainer_state``'s file."""
+    with safe_open(str(path), framework="pt") as fh:
+        header = json.loads(fh.metadata()["json"])
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            optim.setdefault(int(index), {})[key] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g
+              for g in header["param_groups"]]
+    state = {"model": model, "optimizer": {"state": optim, "param_groups": groups},
+             "generator": tensors["rng"]}
+    return state, header["meta"]
+
+
+class FederationClient:
+    def __init__(self, transport: Transport, federation: str, identity: DeviceIdentity,
+                 trainer: Trainer, data: LocalData, *, checkpoint_dir: Path | None = None,
+                 checkpoint_meta: dict[str, Any] | None = None, slowdown: float = 0.0) -> None:
+        """``slowdown`` > 0 sleeps that multiple of every compute step's duration after it, so a
+        simulated slow device really is a straggler."""
+        proto.validate_id(identity.device_id)
+        self.transport, self.identity, self.trainer, self.data = transport, identity, trainer, data
+        self.topics = proto.Topics(federation)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_meta = checkpoint_meta or {}
+        self.slowdown = slowdown
+        self.ctx = ClientContext(trainer, data.private_X, data.private_y, data.public_X)
+        self.state = _State()
+        self.resumed_from: int | None = None
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self.history: list[dict[str, Any]] = []
+        self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
+        self._received_at = 0.0  # when the message being handled arrived (monotonic)
+        self._intervals: list[tuple[float, float]] = []
+        self._bytes_base: dict[str, int] = {}  # counted by earlier processes of this device
+        self._worker = threading.Thread(target=self._work, name=f"client-{identity.device_id}",
+                                        daemon=True)
+
+    @staticmethod
+    def last_will(federation: str, device_id: str) -> tuple[str, bytes]:
+        """The retained 'offline' presence the broker publishes if this device vanishes."""
+        topic = proto.Topics(federation).presence(device_id)
+        return topic, proto.encode(proto.presence(device_id, "offline"))
+
+    def start(self) -> "FederationClient":
+        for topic in (self.topics.config, self.topics.round, self.topics.consensus):
+            self.transport.subscribe(topic,
+                                     lambda t, p: self._inbox.put((t, p, time.monotonic())))
+        self._worker.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.finished.wait(timeout)
+
+    def stop(self) -> None:
+        self._inbox.put(("", b"", 0.0))
+        self._worker.join(timeout=30)
+
+    # -- worker --------------------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            while not self.finished.is_set():
+                try:
+                    topic, payload, self._received_at = self._inbox.get(timeout=0.5)
+                except queue.Empty:
+                    self._maybe_release_pending()
+                    continue
+                if not topic:
+                    break
+                self._handle(topic, payload)
+        except BaseException as exc:  # surfaced to whoever waits on us
+            self.error = exc
+            log.exception("client %s stopped", self.identity.device_id)
+            self.finished.set()
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            msg = proto.decode(payload, topic=topic, topics=self.topics)
+        except proto.ProtocolError as exc:
+            log.warning("%s ignored a bad message on %s: %s", self.identity.device_id, topic, exc)
+            return
+        if msg.sender != proto.SERVER_ID:
+            log.warning("%s ignored %s from %r on %s", self.identity.device_id, msg.kind,
+                        msg.sender, topic)
+            return
+        if msg.kind == proto.KIND_CONFIG and topic == self.topics.config:
+            self._on_config(msg)
+        elif self.state.config is None or msg.info.get("run_id") != self.state.config.run_id:
+            return  # nothing to do before the config, nor with another run's leftovers
+        elif msg.kind == proto.KIND_ROUND and topic == self.topics.round:
+            self._on_round(msg)
+        elif msg.kind == proto.KIND_CONSENSUS and topic == self.topics.consensus:
+            self._on_consensus(msg)
+
+    def _on_config(self, msg: proto.Message) -> None:
+        config = FederationConfig.from_dict(msg.info)
+        if self.state.config is not None and config.run_id == self.state.config.run_id:
+            # The server re-published its state (it restarted, or the broker did): say we are
+            # here, in case our presence was lost or overwritten by a Last Will.
+            self._publish_presence("online")
+            return
+        if config.proxy_sha256 != self.data.proxy_sha256:
+            raise ConfigError(
+                f"device {self.identity.device_id}: the server's proxy set "
+                f"{config.proxy_sha256[:12]} differs from this device's "
+                f"{self.data.proxy_sha256[:12]}; ship the federation's proxy set in the kit")
+        _, client_cls = strategy_pair(config.strategy)
+        self.state = _State(config=config, strategy=client_cls(config))
+        self._resume(config.run_id)
+        self._publish_presence("online")
+
+    def _resume(self, run_id: str) -> None:
+        """Continue from this run's checkpoint, if there is one; other runs' are ignored."""
+        path = self.checkpoint_dir / STATE_FILE if self.checkpoint_dir else None
+        if path is None or not path.is_file():
+            return
+        try:
+            trainer_state, meta = load_trainer_state(path)
+        except (OSError, SafetensorError, ValueError, KeyError) as exc:
+            log.warning("%s: unreadable checkpoint %s (%s); starting afresh",
+                        self.identity.device_id, path, exc)
+            return
+        if meta.get("run_id") != run_id:
+            return
+        self.trainer.load_state_dict(trainer_state)
+        self.state.warmed_up, self.state.absorbed = True, int(meta["round"])
+        self._bytes_base = dict(meta["bytes"])
+        self.resumed_from = self.state.absorbed
+        log.info("%s resumed from its round-%d checkpoint", self.identity.device_id,
+                 self.state.absorbed)
+
+    def _publish_presence(self, status: str) -> None:
+        ident = self.identity
+        info = {"profile": ident.profile, "student": ident.student, "params": ident.params,
+                "samples": int(len(self.data.private_y))}
+        if self.state.config is not None:
+            info["run_id"] = self.state.config.run_id
+        self.transport.publish(self.topics.presence(ident.device_id),
+                               proto.encode(proto.presence(ident.device_id, status, **info)),
+                               retain=True)
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.time()
+        try:
+            return fn(*args)
+        finally:
+            if self.slowdown > 0:
+                time.sleep((time.time() - start) * self.slowdown)
+            self._intervals.append((start, time.time()))
+
+    # -- rounds --------------------------------------------------------------------------------
+    def _on_round(self, msg: proto.Message) -> None:
+        state = self.state
+        if msg.info.get("done"):
+            if state.absorbed >= msg.round - 1:
+                self._finish()
+            return
+        if msg.round <= state.absorbed:
+            return
+        if msg.round in state.uploads:
+            # Re-send only if the server said so after we sent: a listing queued while we were
+            # still computing is stale.
+            _, sent_at = state.uploads[msg.round]
+            if (self.identity.device_id in msg.info.get("waiting_for", ())
+                    and self._received_at > sent_at):
+                self._resend(msg.round)
+            return
+        if msg.round - 1 > state.absorbed and state.warmed_up:
+            if state.pending_round is None or state.pending_round.round != msg.round:
+                state.pending_since = time.monotonic()
+            state.pending_round = msg
+            return
+        self._answer(msg)
+
+    def _answer(self, msg: proto.Message) -> None:
+        state, ctx = self.state, self.ctx
+        if not state.warmed_up:
+            self._timed(state.strategy.warmup, ctx)
+            state.warmed_up = True
+            self._report(0)
+            self._checkpoint(0)
+        reply = self._timed(state.strategy.reply, ctx, Payload(msg.info, msg.tensors))
+        reply.info.update(samples=int(len(self.data.private_y)), run_id=state.config.run_id,
+                          attempt=msg.info.get("attempt", 1))
+        body = proto.encode(proto.Message(proto.KIND_UPLOAD, self.identity.device_id, msg.round,
+                                          reply.info, reply.tensors))
+        state.uploads[msg.round] = (body, time.monotonic())
+        self.transport.publish(self.topics.up(self.identity.device_id), body)
+        log.info("%s uploaded round %d (%d bytes)", self.identity.device_id, msg.round, len(body))
+
+    def _resend(self, rnd: int) -> None:
+        """The server still lacks our upload: say we are here and send the same bytes again."""
+        self._publish_presence("online")
+        body, _ = self.state.uploads[rnd]
+        self.state.uploads[rnd] = (body, time.monotonic())
+        self.transport.publish(self.topics.up(self.identity.device_id), body)
+        log.info("%s re-sent its upload for round %d", self.identity.device_id, rnd)
+
+    def _maybe_release_pending(self) -> None:
+        pending = self.state.pending_round
+        if pending is None:
+            return
+        ready = pending.round - 1 <= self.state.absorbed
+        if ready or time.monotonic() - self.state.pending_since > CONSENSUS_GRACE_S:
+            self.state.pending_round = None
+            if pending.round > self.state.absorbed and pending.round not in self.state.uploads:
+                self._answer(pending)
+
+    def _on_consensus(self, msg: proto.Message) -> None:
+        state = self.state
+        if msg.round <= state.absorbed or not state.warmed_up:
+            return  # seen already, or nothing to distill into before the warm-up
+        try:
+            announcement, consensus = unbundle_consensus(msg)
+        except proto.ProtocolError as exc:
+            log.warning("%s ignored consensus %d: %s", self.identity.device_id, msg.round, exc)
+            return
+        self._timed(state.strategy.absorb, self.ctx, announcement, consensus)
+        state.absorbed = msg.round
+        state.uploads = {r: body for r, body in state.uploads.items() if r > msg.round}
+        self._report(msg.round)
+        self._checkpoint(msg.round)
+        if msg.info.get("final"):
+            self._finish()
+        else:
+            self._maybe_release_pending()
+
+    def _byte_counters(self) -> dict[str, int]:
+        """Cumulative traffic, including what earlier processes of this device counted."""
+        now = self.transport.stats.snapshot()
+        return {k: self._bytes_base.get(k, 0) + v for k, v in now.items()}
+
+    def _report(self, rnd: int) -> None:
+        accuracy = None
+        if self.data.eval_X is not None:
+            accuracy = self._timed(self.trainer.accuracy, self.data.eval_X, self.data.eval_y)
+        info = {"run_id": self.state.config.run_id, "accuracy": accuracy,
+                "compute_intervals": [list(i) for i in self._intervals],
+                "bytes": self._byte_counters(), "student": self.identity.student,
+                "profile": self.identity.profile}
+        self._intervals = []
+        self.history.append({"round": rnd, **info})
+        self.transport.publish(self.topics.up(self.identity.device_id), proto.encode(
+            proto.Message(proto.KIND_METRICS, self.identity.device_id, rnd, info)))
+
+    def _checkpoint(self, rnd: int) -> None:
+        """The exportable student (``student.*``), then the resume state (``state.*``)."""
+        if self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous() for k, v in self.trainer.model.state_dict().items()}
+        _atomic_write(self.checkpoint_dir / "student.safetensors",
+                      lambda tmp: save_file(weights, str(tmp)))
+        last = self.history[-1] if self.history else {}
+        meta = {"device": self.identity.device_id, "profile": self.identity.profile,
+                "student": self.identity.student, "params": self.identity.params,
+                "round": rnd, "accuracy": last.get("accuracy"),
+                "run_id": self.state.config.run_id, **self.checkpoint_meta}
+        _atomic_write(self.checkpoint_dir / "student.json",
+                      lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+        save_trainer_state(self.trainer, self.checkpoint_dir / STATE_FILE,
+                           {"run_id": self.state.config.run_id, "round": rnd,
+                            "bytes": self._byte_counters()})
+
+    def _finish(self) -> None:
+        self._publish_presence("offline")
+        self.finished.set()

@@ -1,0 +1,164 @@
+"""Weight averaging: FedAvg of one student, and fedavg-kd (a FedAvg teacher distilled into
+every device's own student)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fededge.config import ConfigError, FederationConfig
+from fededge.federation.strategies.base import (PHASE_DISTILL, PHASE_TEACHER, PHASE_WEIGHTS,
+                                                 ClientContext, ClientStrategy, Payload, Reply,
+                                                 ServerStrategy, teacher_name)
+from fededge.learn.aggregate import AggregationError
+from fededge.learn.trainer import Trainer
+from fededge.learn.weights import (flat_weights, initial_model, load_flat_weights, parameter_count,
+                                  require_same_architecture, weighted_mean)
+from fededge.wire.protocol import ProtocolError, TensorSpec
+
+
+def _weights_payload(phase: str, weights: np.ndarray, **info: Any) -> Payload:
+    return Payload(info={"phase": phase, **info}, tensors={"weights": weights})
+
+
+class FedAvgServer(ServerStrategy):
+    """FedAvg (McMahan et al., 2017) for a homogeneous federation: every device trains
+    ``config.student``. Each round the devices train ``local_epochs`` on their private data from
+    the last average and upload their weights (one float32 vector); the consensus is the mean
+    weighted by sample counts. Round 1 starts from weights each device derives from the config
+    seed (``weights.initial_model``), so no weights travel before the first average."""
+
+    name = "fedavg"
+    homogeneous = True
+    phase = PHASE_WEIGHTS
+
+    def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
+        super().__init__(config, public_X)
+        self.architecture = self._architecture()
+        self.size = parameter_count(self.architecture, config.input_shape, config.num_classes)
+
+    def _architecture(self) -> str:
+        if not self.config.student:
+            raise ConfigError("strategy 'fedavg' needs the federation setting 'student', the one "
+                              "student every device trains (simulate: --student NAME)")
+        return self.config.student
+
+    def configure(self, rnd: int) -> Payload:
+        return Payload(info={"phase": self.phase})
+
+    def reply_specs(self, announcement: Payload) -> list[TensorSpec]:
+        return [TensorSpec("weights", ("F32",), (self.size,))]
+
+    def aggregate(self, rnd: int, announcement: Payload, replies: list[Reply]) -> Payload:
+        average = weighted_mean([r.payload.tensors["weights"] for r in replies],
+                                [r.samples for r in replies])
+        return _weights_payload(self.phase, average, contributors=len(replies))
+
+
+class FedAvgClient(ClientStrategy):
+    name = "fedavg"
+
+    def warmup(self, ctx: ClientContext) -> None:
+        """Start from the shared seeded weights instead of training: FedAvg's round 1 must
+        average models that began in the same place."""
+        c = self.config
+        start = initial_model(c.student, c.input_shape, c.num_classes, c.seed)
+        require_same_architecture(ctx.trainer.model, start, f"federation's student {c.student!r}")
+        load_flat_weights(ctx.trainer.model, flat_weights(start))
+
+    def reply(self, ctx: ClientContext, announcement: Payload) -> Payload:
+        ctx.trainer.fit(ctx.private_X, ctx.private_y, epochs=self.config.local_epochs)
+        return _weights_payload(PHASE_WEIGHTS, flat_weights(ctx.trainer.model))
+
+    def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
+        load_flat_weights(ctx.trainer.model, consensus.tensors["weights"])
+
+
+class FedAvgKDServer(FedAvgServer):
+    """FedAvg of the teacher among the devices able to train it. The others answer each round
+    with an empty weight vector (they abstain), so the server waits for nobody in vain; the
+    average covers the non-empty uploads. The last consensus is marked ``distill``."""
+
+    name = "fedavg-kd"
+    homogeneous = False
+    phase = PHASE_TEACHER
+
+    def _architecture(self) -> str:
+        return teacher_name(self.config)
+
+    def reply_specs(self, announcement: Payload) -> list[TensorSpec]:
+        return [TensorSpec("weights", ("F32",), (None,))]
+
+    def check(self, reply: Reply) -> None:
+        length = len(reply.payload.tensors["weights"])
+        if length not in (0, self.size):
+            raise ProtocolError(f"teacher weights of length {length}; expected {self.size} "
+                                "(the teacher's parameters) or 0 (abstaining)")
+
+    def aggregate(self, rnd: int, announcement: Payload, replies: list[Reply]) -> Payload:
+        trained = [r for r in replies if len(r.payload.tensors["weights"])]
+        if not trained:
+            raise AggregationError(
+                f"no device trained the teacher {self.architecture!r} in round {rnd}: every "
+                "upload abstained. Set 'teacher' to a student some devices are large enough for")
+        average = weighted_mean([r.payload.tensors["weights"] for r in trained],
+                                [r.samples for r in trained])
+        phase = PHASE_DISTILL if rnd == self.config.rounds else PHASE_TEACHER
+        return _weights_payload(phase, average, contributors=len(trained))
+
+
+class FedAvgKDClient(ClientStrategy):
+    """A device trains the teacher when its own student is at least as large: its profile
+    picked the largest student that fits its budgets, so a teacher no larger fits too. It
+    contributes only while its teacher holds the latest average (after a restart it sits out
+    one round and resyncs from the next consensus). On ``distill`` every device, able to train
+    the teacher or not, runs the teacher on its private data once and distills it."""
+
+    name = "fedavg-kd"
+
+    def __init__(self, config: FederationConfig) -> None:
+        super().__init__(config)
+        self.teacher_name = teacher_name(config)
+        self.teacher: Trainer | None = None  # in sync with the latest average when set
+
+    def _can_train_teacher(self, ctx: ClientContext) -> bool:
+        own = sum(p.numel() for p in ctx.trainer.model.parameters())
+        c = self.config
+        return own >= parameter_count(self.teacher_name, c.input_shape, c.num_classes)
+
+    def _teacher_trainer(self, weights: np.ndarray | None = None) -> Trainer:
+        c = self.config
+        model = initial_model(self.teacher_name, c.input_shape, c.num_classes, c.seed)
+        if weights is not None:
+            load_flat_weights(model, weights)
+        return Trainer(model, lr=c.lr, batch_size=c.batch_size, seed=c.seed)
+
+    def warmup(self, ctx: ClientContext) -> None:
+        super().warmup(ctx)  # the student learns its own labels while the teacher trains
+        if self._can_train_teacher(ctx):
+            self.teacher = self._teacher_trainer()
+
+    def reply(self, ctx: ClientContext, announcement: Payload) -> Payload:
+        if self.teacher is None:
+            return _weights_payload(PHASE_TEACHER, np.zeros(0, np.float32), abstain=True)
+        self.teacher.fit(ctx.private_X, ctx.private_y, epochs=self.config.local_epochs)
+        return _weights_payload(PHASE_TEACHER, flat_weights(self.teacher.model))
+
+    def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
+        weights = consensus.tensors["weights"]
+        if consensus.info.get("phase") == PHASE_DISTILL:
+            self._distill(ctx, weights)
+        elif self.teacher is not None:
+            load_flat_weights(self.teacher.model, weights)
+        elif self._can_train_teacher(ctx):
+            self.teacher = self._teacher_trainer(weights)
+
+    def _distill(self, ctx: ClientContext, weights: np.ndarray) -> None:
+        c = self.config
+        soft = self._teacher_trainer(weights).logits(ctx.private_X)
+        self.teacher = None
+        ctx.trainer.distill(ctx.private_X, soft, epochs=c.kd_epochs, temperature=c.temperature,
+                            alpha=c.kd_alpha, y=ctx.private_y)
+        if c.finetune_epochs:
+            ctx.trainer.fit(ctx.private_X, ctx.private_y, epochs=c.finetune_epochs)

@@ -1,0 +1,187 @@
+"""A startup kit's configuration file (``client.toml`` / ``server.toml``): its schema, writing
+and reading. ``provision.py`` writes kits, ``runner.py`` runs them; both go through ``Kit`` so
+the file format is defined once. No torch here: reading a kit must stay cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
+
+from fededge.wire.topics import AGENT_ROLE, SERVER_ID
+
+CLIENT_FILE, SERVER_FILE = "client.toml", "server.toml"
+PASSWORD_FILE, CA_FILE, CERT_FILE, KEY_FILE = "password", "ca.crt", "client.crt", "client.key"
+DEPLOY_CERT_FILE, DEPLOY_KEY_FILE = "deploy.crt", "deploy.key"  # server kit: signs bundles
+DATASET_FILE = "dataset.npz"   # a federation's .npz dataset, when it is not a built-in one
+MANIFEST_FILE = "manifest.json"
+STATE_DIR = "state"            # runtime output (checkpoints) below a kit; not part of the kit
+# A device kit's role: a training client (which may also run the edge agent beside it), or an
+# agent-only device that trains nothing and runs the model of a training device (``model_from``).
+CLIENT_ROLE = "client"
+ROLES = (CLIENT_ROLE, AGENT_ROLE)
+
+
+class KitError(ValueError):
+    """A kit that cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    """How one party reaches the broker: address, user name and its credential files."""
+
+    host: str
+    port: int
+    username: str
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Enough to re-derive the federation's split locally, deterministically: its proxy set
+    (checked against ``proxy_sha256``), test set and, for demo devices, private shards."""
+
+    source: str            # built-in dataset name, or a file name inside the kit
+    partition: str
+    alpha: float
+    seed: int
+    shards: int            # number of demo shards the private part is split into
+    proxy_sha256: str
+
+
+@dataclass(frozen=True)
+class Kit:
+    """One party's kit. ``device`` is the server's id for the server kit."""
+
+    directory: Path
+    federation: str
+    device: str
+    broker: BrokerAccess
+    dataset: DatasetRef
+    config: dict[str, Any]       # FederationConfig fields, run_id excepted
+    profile: str = ""
+    student: str = ""
+    seed: int = 0                # student initialisation seed
+    shard: int | None = None     # demo shard of the split, when the device brings no data
+    data: str | None = None      # path of the device's private .npz, on the device
+    devices: tuple[str, ...] = ()  # server kit: the devices that train (the server waits for)
+    role: str = CLIENT_ROLE      # device kit; kits written before roles existed train
+    model_from: str | None = None  # agent-only device: the training device whose model it runs
+    agents: dict[str, str] = field(default_factory=dict)  # server kit: agent-only → model_from
+
+    @property
+    def is_server(self) -> bool:
+        return self.device == SERVER_ID
+
+    @property
+    def trains(self) -> bool:
+        """A device kit that takes part in training (``fededge client``)."""
+        return not self.is_server and self.role == CLIENT_ROLE
+
+    def bundle_source(self, device: str) -> str:
+        """Server kit: whose exported model ``device`` receives (its own, or its model_from)."""
+        return self.agents.get(device, device)
+
+    @property
+    def file(self) -> Path:
+        return self.directory / (SERVER_FILE if self.is_server else CLIENT_FILE)
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    def password(self) -> str:
+        try:
+            return self.path(PASSWORD_FILE).read_text().strip()
+        except OSError as exc:
+            raise KitError(f"{self.path(PASSWORD_FILE)}: cannot read the broker password "
+                           f"({exc.strerror}); re-provision the kit") from None
+
+    def dataset_source(self) -> str:
+        """A built-in dataset name, or the shipped file's path."""
+        shipped = self.path(self.dataset.source)
+        return str(shipped) if self.dataset.source == DATASET_FILE else self.dataset.source
+
+    def to_toml(self, header: str) -> str:
+        """The kit file's text; ``header`` becomes its leading comment."""
+        top: dict[str, Any] = {"federation": self.federation, "device": self.device}
+        if self.is_server:
+            top["devices"] = list(self.devices)
+        else:
+            top.update(role=self.role, profile=self.profile, student=self.student)
+            top.update({"seed": self.seed} if self.trains else {})
+            optional = {"shard": self.shard, "data": self.data, "model_from": self.model_from}
+            top.update({key: value for key, value in optional.items() if value is not None})
+        tables = {"broker": vars(self.broker), "dataset": vars(self.dataset),
+                  "config": self.config}
+        if self.agents:
+            tables["agents"] = self.agents
+        return _dump_toml(header, top, tables)
+
+
+def load_kit(directory: str | Path) -> Kit:
+    """Read a server or device kit directory."""
+    directory = Path(directory)
+    files = [directory / name for name in (SERVER_FILE, CLIENT_FILE)
+             if (directory / name).is_file()]
+    if not files:
+        raise KitError(f"{directory}: not a fededge kit (no {CLIENT_FILE} or {SERVER_FILE}); "
+                       "pass a directory written by `fededge provision`")
+    path = files[0]
+    try:
+        raw = tomllib.loads(path.read_text())
+        kit = Kit(directory=directory, federation=raw["federation"], device=raw["device"],
+                  broker=BrokerAccess(**raw["broker"]), dataset=DatasetRef(**raw["dataset"]),
+                  config=raw["config"], profile=raw.get("profile", ""),
+                  student=raw.get("student", ""), seed=raw.get("seed", 0),
+                  shard=raw.get("shard"), data=raw.get("data"),
+                  devices=tuple(raw.get("devices", ())), role=raw.get("role", CLIENT_ROLE),
+                  model_from=raw.get("model_from"), agents=dict(raw.get("agents", {})))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise KitError(f"{path}: unreadable ({exc})") from None
+    except (KeyError, TypeError) as exc:
+        raise KitError(f"{path}: missing or unexpected setting {exc}; re-provision the kit") \
+            from None
+    if (path.name == SERVER_FILE) != kit.is_server:
+        raise KitError(f"{path}: device {kit.device!r} does not belong in {path.name}")
+    if kit.role not in ROLES:
+        raise KitError(f"{path}: role {kit.role!r} is not one of {', '.join(ROLES)}; "
+                       "re-provision the kit")
+    return kit
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else
+                                                          ("inf" if value > 0 else "-inf"))
+    if isinstance(value, str):
+        return json.dumps(value)   # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def _dump_toml(header: str, top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> str:
+    """Flat TOML (scalars, lists, one level of tables): all a kit needs, no writer dependency."""
+    out = [f"# {line}".rstrip() for line in header.splitlines()]
+    out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in top.items()]
+    for name, table in tables.items():
+        out += ["", f"[{name}]",
+                *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())]
+    return "\n".join(out) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    """A bare key when TOML allows one; device ids (keys of ``[agents]``) may hold dots."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)

@@ -1,0 +1,503 @@
+"""``fededge provision``: a federation file in, startup kits out (after NVIDIA FLARE's).
+
+Output layout (``OUT``)::
+
+    ca/        the federation CA (ca.key never leaves this directory) and revoked.json
+    broker/    mosquitto.conf, passwd, acl, the broker's TLS certificate, start script, unit
+    server/    server.toml, password, client certificate and key, ca.crt, the code-signing
+               certificate and key for `fededge deploy`, start script, unit
+    <device>/  client.toml, password, client certificate and key, ca.crt, start script, unit
+               (``fededge client``, or ``fededge agent`` for an agent-only device)
+
+A device trains (role ``client``) unless its profile cannot (``can_train = false``) or its
+``[[devices]]`` table says ``role = "agent"``: an agent-only device trains nothing, gets only the
+edge agent's broker user and runs the model of a training device (``model_from``, or the
+largest trained student its profile's budgets allow), which ``fededge deploy`` sends it.
+
+Every kit has a ``manifest.json`` and ``OUT/manifest.json`` covers all files. Provisioning is
+incremental: existing CA, passwords, keys and certificates are kept, so adding a device changes
+no one else's credentials; ``--revoke`` removes a device from the password file and ACL and
+deletes its kit. A device still listed after it was revoked is skipped (with a note), never
+re-issued credentials: give a replacement a new id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fededge.kits import mosquitto as mq
+from fededge.kits import pki
+from fededge.learn.aggregate import UnknownAggregatorError
+from fededge.config import ConfigError, FederationConfig
+from fededge.learn.data import DataError, FederatedSplit, load_dataset, split_federated
+from fededge.kits.fedfile import PRIVACY_KEYS, DeviceSpec, FederationSpec, load_federation_file
+from fededge.files import private_dir, write_file, write_secret
+from fededge.kits.kit import (CA_FILE, CERT_FILE, CLIENT_FILE, CLIENT_ROLE, DATASET_FILE, DEPLOY_CERT_FILE,
+                  DEPLOY_KEY_FILE, KEY_FILE, PASSWORD_FILE, ROLES, STATE_DIR, BrokerAccess,
+                  DatasetRef, Kit)
+from fededge.kits.manifest import write_manifest
+from fededge.learn.models import zoo_for
+from fededge.profiles import DeviceProfile, ProfileError, get_profile, inference_exceeds, pick_student
+from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, role_user
+from fededge.federation.strategies import UnknownStrategyError, strategy_pair
+
+CA_DIR, BROKER_DIR = "ca", "broker"
+CA_KEY, REVOKED_FILE = "ca.key", "revoked.json"
+LOOPBACK_NAMES = ["localhost", "127.0.0.1"]
+
+
+class ProvisionError(ValueError):
+    """Provisioning cannot go on; the message names the input (file and line, or kit)."""
+
+
+@dataclass(frozen=True)
+class PartyPlan:
+    """One device as provisioned."""
+
+    id: str
+    profile: str
+    student: str
+    status: str              # "new" or "kept" (credentials)
+    role: str = CLIENT_ROLE  # or AGENT_ROLE: runs the model of ``model_from``, trains nothing
+    model_from: str | None = None
+    note: str | None = None  # e.g. an agent-only device's model beyond its profile's budgets
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    out: Path
+    config: FederationConfig
+    devices: list[PartyPlan]
+    revoked: list[str]       # revoked by this run
+    skipped: list[str]       # listed in the federation file but revoked earlier
+
+
+def provision(federation_file: str | Path, out: str | Path,
+              revoke: list[str] | None = None) -> ProvisionResult:
+    """Write or update the kits of ``federation_file`` below ``out``."""
+    spec = load_federation_file(federation_file)
+    out = Path(out)
+    revoked = _revocations(spec, out, revoke or [])
+    active = [d for d in spec.devices if d.id not in revoked]
+    _check_orphan_kits(spec, out, set(revoked))
+    roles = _roles(spec, active)
+
+    dataset_path = _dataset_file(spec)
+    trainers = [d for d in active if roles[d.id] == CLIENT_ROLE]
+    shard_devices = [d.id for d in trainers if d.data is None]
+    split = _split(spec, dataset_path, max(1, len(shard_devices)))
+    students = {d.id: _student(spec, d, split) for d in trainers}
+    config = _config(spec, split, students)
+    _homogeneous(spec, config, students)
+    sources = {d.id: _model_from(spec, d, students, split, revoked)
+               for d in active if roles[d.id] == AGENT_ROLE}
+
+    ca = _ca(out, spec.name)
+    ref = DatasetRef(DATASET_FILE if dataset_path else spec.dataset.source,
+                     spec.dataset.partition, float(spec.dataset.alpha), spec.dataset.seed,
+                     max(1, len(shard_devices)), split.proxy_sha256)
+    settings = {k: v for k, v in config.to_dict().items() if k != "run_id"}
+
+    def party_kit(party: str, **fields) -> Kit:
+        access = BrokerAccess(spec.broker.host, spec.broker.tls_port, party)
+        return Kit(out / party, spec.name, party, access, ref, settings, **fields)
+    kits = [party_kit(SERVER_ID, devices=tuple(students), agents=sources)]
+    kits += [party_kit(d.id, profile=d.profile,
+                       **_device_fields(d, config.seed, students, sources, shard_devices))
+             for d in active]
+    plans, passwords = [], {}
+    for party in kits:
+        is_new = not party.file.exists()
+        passwords[party.device] = _write_party_kit(party, ca, spec, dataset_path)
+        if not party.is_server:
+            plans.append(PartyPlan(party.device, party.profile, party.student,
+                                   "new" if is_new else "kept", party.role, party.model_from,
+                                   _beyond_budgets(party, split)))
+    _write_broker_kit(out / BROKER_DIR, spec, ca, passwords, config, list(sources))
+
+    # Only now, with the new password file and ACL written, record and apply revocations.
+    write_file(out / CA_DIR / REVOKED_FILE, json.dumps(revoked, indent=2, sort_keys=True) + "\n")
+    for device in revoked:
+        if (out / device / CLIENT_FILE).is_file():  # a device kit, never ca/, broker/, server/
+            shutil.rmtree(out / device)
+    for kit in kits:
+        write_manifest(kit.directory, f"fededge kit of {kit.device!r}, federation {spec.name!r}")
+    write_manifest(out / BROKER_DIR, f"fededge broker kit, federation {spec.name!r}")
+    write_manifest(out, f"fededge kits of federation {spec.name!r}")
+    return ProvisionResult(out, config, plans, sorted(set(revoke or [])),
+                           [d.id for d in spec.devices if d.id in revoked
+                            and d.id not in (revoke or [])])
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _revocations(spec: FederationSpec, out: Path, revoke: list[str]) -> dict[str, dict]:
+    """Earlier revocations (``ca/revoked.json``) plus this run's, with certificate serials."""
+    path = out / CA_DIR / REVOKED_FILE
+    revoked = json.loads(path.read_text()) if path.is_file() else {}
+    listed = {d.id for d in spec.devices}
+    for device in revoke:
+        kit = out / device
+        if device not in listed | set(revoked) and not (kit / CLIENT_FILE).is_file():
+            raise ProvisionError(f"--revoke {device}: no such device in {spec.path} or {out}")
+        if device in revoked:
+            continue
+        cert = kit / CERT_FILE
+        serial = format(pki.Identity.load(cert, kit / KEY_FILE).cert.serial_number, "x") \
+            if cert.is_file() else None
+        revoked[device] = {"serial": serial}
+    return revoked
+
+
+def _check_orphan_kits(spec: FederationSpec, out: Path, revoked: set[str]) -> None:
+    """A kit whose device left the file: silently dropping its access would be a revocation
+    nobody asked for, and keeping it would leave credentials nobody tracks."""
+    if not out.is_dir():
+        return
+    listed = {d.id for d in spec.devices}
+    for kit in sorted(out.iterdir()):
+        if (kit / CLIENT_FILE).is_file() and kit.name not in listed | revoked:
+            raise ProvisionError(
+                f"{kit}: device {kit.name!r} has a kit but is no longer in {spec.path}; add it "
+                f"back, or revoke it with --revoke {kit.name}")
+
+
+def _roles(spec: FederationSpec, active: list[DeviceSpec]) -> dict[str, str]:
+    """Each active device's role: its ``role``, else by its profile's ``can_train``; and the
+    keys that only one role may use. At least one device must train."""
+    if not active:
+        raise ProvisionError(f"{spec.path}: every device is revoked; add a device with a new id")
+    roles = {}
+    for device in active:
+        can_train = _profile(spec, device).can_train
+        role = roles[device.id] = device.role or (CLIENT_ROLE if can_train else AGENT_ROLE)
+        wrong = _role_conflict(device, role, can_train)
+        if wrong is not None:
+            key, why = wrong
+            raise spec.error("devices", key, f"device {device.id!r}: {why}", device.index)
+    if CLIENT_ROLE not in roles.values():
+        raise ProvisionError(f"{spec.path}: no device trains (all are agent-only); add a "
+                             "[[devices]] table whose profile can train")
+    return roles
+
+
+def _role_conflict(device: DeviceSpec, role: str, can_train: bool) -> tuple[str, str] | None:
+    """The key that contradicts the device's role, and why; None if all agree."""
+    if role == CLIENT_ROLE and not can_train:
+        return "role", (f"profile {device.profile!r} cannot train (can_train = false); drop "
+                        'role = "client" to make it an agent-only device that receives models')
+    if role == CLIENT_ROLE and device.model_from is not None:
+        return "model_from", ('model_from is for agent-only devices; add role = "agent" or '
+                              "drop model_from")
+    if role == AGENT_ROLE and device.student is not None:
+        return "student", ("an agent-only device runs the student of its model_from device; "
+                           "drop student (or set model_from)")
+    if role == AGENT_ROLE and device.data is not None:
+        return "data", "an agent-only device trains nothing; drop data"
+    return None
+
+
+def _profile(spec: FederationSpec, device: DeviceSpec) -> DeviceProfile:
+    try:
+        return get_profile(device.profile)
+    except ProfileError as exc:
+        raise spec.error("devices", "profile", f"device {device.id!r}: {exc}",
+                         device.index) from None
+
+
+def _model_from(spec: FederationSpec, device: DeviceSpec, students: dict[str, str],
+                split: FederatedSplit, revoked: dict[str, dict]) -> str:
+    """The training device whose model an agent-only device runs: its ``model_from``, else
+    the one with the largest student (first in the file on a tie) whose inference fits the
+    device's budgets."""
+    source = device.model_from
+    if source is not None:
+        if source not in students:
+            why = "revoked" if source in revoked else "agent-only too"
+            raise spec.error("devices", "model_from", f"device {device.id!r}: model_from "
+                             f"{source!r} is {why}; name a device that trains "
+                             f"({', '.join(students)})", device.index)
+        return source
+    profile = _profile(spec, device)
+    zoo = zoo_for(split.input_shape)
+    fitting = [d for d, student in students.items() if not inference_exceeds(
+        profile, student, split.input_shape, split.num_classes)]
+    if not fitting:
+        smallest = min(students.values(), key=zoo.index)
+        raise spec.error("devices", "profile", f"device {device.id!r}: no trained student fits "
+                         f"the budgets of profile {profile.name!r} (the smallest, {smallest}, "
+                         "exceeds them); set model_from = \"<device>\" to run one anyway, or "
+                         "give a training device a smaller student", device.index)
+    return max(fitting, key=lambda d: zoo.index(students[d]))
+
+
+def _beyond_budgets(kit: Kit, split: FederatedSplit) -> str | None:
+    """A note when an agent-only device was given (``model_from``) a model its profile's
+    budgets would not pick: the operator's call, but worth saying."""
+    if kit.trains:
+        return None
+    exceeded = inference_exceeds(get_profile(kit.profile), kit.student, split.input_shape,
+                                 split.num_classes)
+    if not exceeded:
+        return None
+    details = "; ".join(f"{budget} {detail}" for budget, detail in exceeded.items())
+    return (f"{kit.device} runs {kit.model_from}'s {kit.student}, beyond the budgets of profile "
+            f"{kit.profile!r} ({details})")
+
+
+def _dataset_file(spec: FederationSpec) -> Path | None:
+    """The .npz to ship in every kit, or None for a built-in dataset."""
+    source = spec.dataset.source
+    if not source.endswith(".npz"):
+        return None
+    path = Path(source)
+    return path if path.is_absolute() else spec.path.parent / path
+
+
+def _split(spec: FederationSpec, dataset_path: Path | None, shards: int) -> FederatedSplit:
+    try:
+        dataset = load_dataset(dataset_path or spec.dataset.source)
+        return split_federated(dataset, shards, partition=spec.dataset.partition,
+                               alpha=spec.dataset.alpha, seed=spec.dataset.seed)
+    except DataError as exc:
+        raise spec.error("dataset", "source", str(exc)) from None
+
+
+def _student(spec: FederationSpec, device: DeviceSpec, split: FederatedSplit) -> str:
+    """The device's student: its override, else the largest that fits its profile."""
+    try:
+        if device.student is None:
+            profile = get_profile(device.profile)
+            return pick_student(profile, split.input_shape, split.num_classes).student
+    except ProfileError as exc:
+        raise spec.error("devices", "profile", f"device {device.id!r}: {exc}",
+                         device.index) from None
+    zoo = zoo_for(split.input_shape)
+    if device.student not in zoo:
+        raise spec.error("devices", "student", f"device {device.id!r}: unknown student "
+                         f"{device.student!r} for this dataset; choose one of {', '.join(zoo)}",
+                         device.index)
+    return device.student
+
+
+def _homogeneous(spec: FederationSpec, config: FederationConfig,
+                 students: dict[str, str]) -> None:
+    """Strategies that average weights train ``config.student`` on every device."""
+    if not strategy_pair(config.strategy)[0].homogeneous:
+        return
+    for device in spec.devices:
+        if device.student is not None and device.id in students:
+            raise spec.error("devices", "student", f"device {device.id!r}: strategy "
+                             f"{config.strategy!r} trains one architecture on every device; set "
+                             "[training] student instead", device.index)
+    students.update(dict.fromkeys(students, config.student))
+
+
+def _config(spec: FederationSpec, split: FederatedSplit,
+            students: dict[str, str]) -> FederationConfig:
+    """The federation's settings; a weight-averaging strategy without ``[training] student``
+    gets the smallest of the devices' picks, as in ``simulate``."""
+    settings = {"seed": spec.dataset.seed, **spec.settings}
+    if settings.get("ldp_noise_multiplier", 0) > 0:
+        settings.setdefault("share_class_counts", False)  # see FederationConfig's check
+    try:
+        if strategy_pair(settings.get("strategy", "fedmd"))[0].homogeneous:
+            zoo = zoo_for(split.input_shape)
+            settings.setdefault("student", min(students.values(), key=zoo.index))
+        config = FederationConfig(
+            federation=spec.name, num_classes=split.num_classes,
+            input_shape=tuple(split.input_shape), proxy_sha256=split.proxy_sha256,
+            proxy_size=len(split.public_X), **settings)
+        strategy_pair(config.strategy)[0](config)  # validates strategy and aggregator
+    except (ConfigError, UnknownStrategyError, UnknownAggregatorError) as exc:
+        named = re.search(r"'(\w+)'", str(exc))
+        key = named.group(1) if named else None
+        short = {v: k for k, v in PRIVACY_KEYS.items()}
+        table = "privacy" if key in short else "training"
+        if isinstance(exc, UnknownStrategyError):
+            key = "strategy"
+        elif isinstance(exc, UnknownAggregatorError):
+            key = "aggregator"
+        raise spec.error(table, short.get(key, key), str(exc)) from None
+    return config
+
+
+def _device_fields(device: DeviceSpec, seed: int, students: dict[str, str],
+                   sources: dict[str, str], shards: list[str]) -> dict:
+    """What a device's kit says by role: an agent-only device's model source (and its
+    student), a training device's student, initialisation seed and data or demo shard."""
+    if device.id in sources:
+        source = sources[device.id]
+        return {"role": AGENT_ROLE, "model_from": source, "student": students[source]}
+    return {"student": students[device.id], "seed": seed + device.index, "data": device.data,
+            "shard": shards.index(device.id) if device.data is None else None}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _ca(out: Path, federation: str) -> pki.Identity:
+    """The federation CA: kept if present, created on the first run."""
+    directory = private_dir(out / CA_DIR)
+    cert, key = directory / CA_FILE, directory / CA_KEY
+    if cert.exists() and key.exists():
+        return pki.Identity.load(cert, key)
+    if cert.exists() or key.exists():
+        raise ProvisionError(f"{directory}: holds only one of {CA_FILE} and {CA_KEY}; restore "
+                             "the other (re-creating the CA would invalidate every kit)")
+    ca = pki.create_ca(federation)
+    ca.save(cert, key)
+    return ca
+
+
+def _identity(directory: Path, cert_name: str, key_name: str, ca: pki.Identity,
+              common_name: str, hosts: list[str] | None = None,
+              code_signing: bool = False) -> pki.Identity:
+    """Keep a certificate that still chains to the CA and names the same party (and covers
+    the same hosts, for the same purpose); issue a new one otherwise."""
+    cert_path, key_path = directory / cert_name, directory / key_name
+    if cert_path.exists() and key_path.exists():
+        kept = pki.Identity.load(cert_path, key_path)
+        cert = kept.cert
+        if (pki.issued_by(cert, ca.cert) and pki.common_name(cert) == common_name
+                and set(hosts or []) <= set(pki.server_hosts(cert))
+                and pki.is_code_signing(cert) == code_signing):
+            return kept
+    fresh = pki.issue(ca, common_name, hosts=hosts, code_signing=code_signing)
+    fresh.save(cert_path, key_path)
+    return fresh
+
+
+def _password(directory: Path) -> str:
+    path = directory / PASSWORD_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(24)
+    write_secret(path, password + "\n")
+    return password
+
+
+def _write_party_kit(kit: Kit, ca: pki.Identity, spec: FederationSpec,
+                     dataset_path: Path | None) -> str:
+    """Write one server or device kit; returns its broker password."""
+    directory = private_dir(kit.directory)
+    password = _password(directory)
+    _identity(directory, CERT_FILE, KEY_FILE, ca, kit.device)
+    if kit.is_server:  # signs `fededge deploy` bundles, so the CA key can stay offline
+        _identity(directory, DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, ca,
+                  role_user(SERVER_ID, DEPLOY_ROLE), code_signing=True)
+    write_file(directory / CA_FILE, ca.cert_pem)
+    if dataset_path is not None and (kit.is_server or kit.trains):
+        write_file(directory / DATASET_FILE, dataset_path.read_bytes())
+    else:  # a built-in dataset, or an agent-only device (it may have trained before)
+        (directory / DATASET_FILE).unlink(missing_ok=True)
+    role = "server" if kit.is_server else kit.role  # also the `fededge` command it runs
+    what = _describe(kit)
+    write_file(kit.file, kit.to_toml(
+        f"fededge kit of {what}, federation {spec.name!r}, written by `fededge provision`.\n"
+        "Start it with ./start.sh (or the systemd unit beside it). Re-provision rather than\n"
+        "edit: the [config] table is what the server publishes, the rest says how to reach\n"
+        "the broker and how to re-derive the federation's proxy set (checked by proxy_sha256)."))
+    write_file(directory / "start.sh", _start_script(role, what, spec.name), executable=True)
+    threads = get_profile(kit.profile).threads if not kit.is_server else None
+    for other in set(ROLES) - {role}:  # a device whose role changed: its old unit goes
+        (directory / f"fededge-{other}.service").unlink(missing_ok=True)
+    write_file(directory / f"fededge-{role}.service", _unit(role, what, spec.name, threads))
+    return password
+
+
+def _describe(kit: Kit) -> str:
+    """Who a kit belongs to, for its file headers."""
+    if kit.is_server:
+        return "the federation server"
+    if kit.trains:
+        return f"device {kit.device!r} (profile {kit.profile})"
+    return (f"agent-only device {kit.device!r} (profile {kit.profile}, model of "
+            f"{kit.model_from!r})")
+
+
+def _write_broker_kit(directory: Path, spec: FederationSpec, ca: pki.Identity,
+                      passwords: dict[str, str], config: FederationConfig,
+                      agents: list[str]) -> None:
+    """``agents``: the agent-only devices among ``passwords``' parties."""
+    directory = private_dir(directory)
+    hosts = [spec.broker.host, *spec.broker.alt_names, *LOOPBACK_NAMES]
+    _identity(directory, mq.CERT_NAME, mq.KEY_NAME, ca, spec.broker.host, hosts)
+    write_file(directory / mq.CA_NAME, ca.cert_pem)
+    passwd = directory / mq.PASSWD_NAME
+    previous = mq.parse_passwd(passwd.read_text()) if passwd.is_file() else {}
+    write_secret(passwd, mq.render_passwd(mq.broker_users(passwords, agents), previous))
+    devices = [p for p in passwords if p != SERVER_ID and p not in agents]
+    write_file(directory / mq.ACL_NAME, mq.render_acl(spec.name, devices, agents))
+    write_file(directory / mq.CONF_NAME, mq.render_conf(mq.ConfSettings(
+        config, spec.broker.bind, spec.broker.tls_port, spec.broker.plain_port, len(devices),
+        len(agents), spec.broker.user)))
+    what = "the MQTT broker (Mosquitto)"
+    write_file(directory / "start.sh", _start_script("broker", what, spec.name), executable=True)
+    write_file(directory / "fededge-broker.service", _unit("broker", what, spec.name, None))
+
+
+def _start_script(role: str, what: str, federation: str) -> str:
+    return f"""#!/bin/sh
+# Start {what} of fededge federation {federation!r} from this kit.
+# Needs fededge on PATH (pip install fededge), or FEDEDGE=/path/to/fededge.
+# Extra arguments go to `fededge {role}` (see `fededge {role} --help`).
+set -eu
+KIT=$(cd "$(dirname "$0")" && pwd)
+exec "${{FEDEDGE:-fededge}}" {role} --kit "$KIT" "$@"
+"""
+
+
+AGENT_INSTALL = ("sudo /opt/fededge/bin/pip install --no-deps fededge\n"
+                 "#   and then the packages of fededge's `edge` extra (pyproject.toml), no torch;\n"
+                 "#   or let devices/install.sh --kit THIS_KIT_DIR do all of this")
+
+
+def _unit(role: str, what: str, federation: str, threads: int | None) -> str:
+    """A systemd unit for a Pi, a Jetson or any Linux host (paths in the install notes)."""
+    user = "mosquitto" if role == "broker" else "fededge"
+    kit = f"/etc/fededge/{role}"
+    state = " --state /var/lib/fededge" if role in ("server", CLIENT_ROLE) else ""
+    env = f"Environment=OMP_NUM_THREADS={threads}\n" if threads else ""
+    # The broker launcher re-reads the password file and ACL on SIGHUP (after a revocation).
+    reload = "ExecReload=/bin/kill -HUP $MAINPID\n" if role == "broker" else ""
+    setup = ("#   sudo apt-get install -y mosquitto\n" if role == "broker" else
+             "#   sudo useradd --system --home-dir /var/lib/fededge --shell /usr/sbin/nologin "
+             "fededge\n")
+    # The agent needs no torch, and installs models below its kit: the one path it may write.
+    agent = role == AGENT_ROLE
+    install = AGENT_INSTALL if agent else "sudo /opt/fededge/bin/pip install fededge"
+    kit_setup = f" && sudo mkdir -p {kit}/{STATE_DIR}" if agent else ""
+    writable = f"ReadWritePaths={kit}/{STATE_DIR}\n" if agent else ""
+    return f"""# systemd unit for {what} of fededge federation {federation!r}.
+# Install (Raspberry Pi OS, Jetson Linux, Debian/Ubuntu):
+{setup}#   sudo python3 -m venv /opt/fededge && {install}
+#   sudo mkdir -p /etc/fededge && sudo cp -r THIS_KIT_DIR {kit}{kit_setup}
+#   sudo chown -R {user}: {kit}
+#   sudo cp fededge-{role}.service /etc/systemd/system/
+#   sudo systemctl daemon-reload && sudo systemctl enable --now fededge-{role}
+[Unit]
+Description=fededge {role} ({what}), federation {federation}
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+User={user}
+{env}Environment=HOME=/var/lib/fededge
+ExecStart=/opt/fededge/bin/fededge {role} --kit {kit}{state}
+{reload}{writable}StateDirectory=fededge
+Restart=on-failure
+RestartSec=15
+NoNewPrivileges=true
+ProtectSystem=strict
+ProtectHome=true
+PrivateTmp=true
+
+[Install]
+WantedBy=multi-user.target
+"""

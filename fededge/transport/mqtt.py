@@ -1,0 +1,158 @@
+"""The paho-mqtt 2.x transport: QoS 1, TLS, credentials, Last Will, reconnect, byte counts."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from fededge.transport.base import Handler, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+
+def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged a QoS-1 publish. A publish made while disconnected keeps
+    rc NO_CONN even after paho re-sent it on reconnect, and paho's ``is_published()`` raises for
+    it; its PUBACK still sets the flag read here."""
+    if info.rc == mqtt.MQTT_ERR_NO_CONN:
+        return bool(info._published)
+    return info.is_published()
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Paths of the CA certificate and, for mutual TLS, this endpoint's certificate and key."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class MqttTransport(Transport):
+    """paho-mqtt 2.x client: QoS 1, automatic reconnect, resubscribe on every (re)connect."""
+
+    def __init__(self, client_id: str, host: str, port: int, *, username: str | None = None,
+                 password: str | None = None, tls: TlsConfig | None = None,
+                 will: tuple[str, bytes] | None = None, keepalive: int = 20,
+                 clean_session: bool = True) -> None:
+        super().__init__()
+        self.client_id, self.host, self.port = client_id, host, port
+        self._subs: list[tuple[str, Handler]] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._keepalive = keepalive
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             clean_session=clean_session, protocol=mqtt.MQTTv311)
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(min_delay=1, max_delay=8)
+        if username is not None:
+            client.username_pw_set(username, password)
+        if tls is not None:
+            client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+
+    def connect(self, timeout: float = 10.0) -> "MqttTransport":
+        """Connect and wait for the broker's answer; a refusal names the likely cause."""
+        try:
+            self._client.connect(self.host, self.port, keepalive=self._keepalive)
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(
+                f"cannot reach MQTT broker at {self.host}:{self.port} as {self.client_id!r}: "
+                f"{exc}. Is the broker running and the address right?") from None
+        self._client.loop_start()
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self._refused or time.monotonic() > deadline:
+                self._client.loop_stop()
+                reason = self._refused or f"no answer within {timeout:.0f} s"
+                raise TransportError(f"MQTT broker {self.host}:{self.port} refused "
+                                     f"{self.client_id!r}: {reason}")
+        return self
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            client.disconnect()
+            return
+        with self._lock:
+            subs = list(self._subs)
+        for topic_filter, _ in subs:
+            client.subscribe(topic_filter, qos=1)
+        self._connected.set()
+        log.debug("%s connected to %s:%s", self.client_id, self.host, self.port)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if reason_code.is_failure:
+            log.info("%s lost its broker connection (%s); reconnecting", self.client_id,
+                     reason_code)
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        self.stats.record(message.topic, message.payload, sent=False)
+        with self._lock:
+            handlers = [h for f, h in self._subs if mqtt.topic_matches_sub(f, message.topic)]
+        for handler in handlers:
+            try:
+                handler(message.topic, message.payload)
+            except Exception:  # a handler bug must not kill paho's network thread
+                log.exception("handler for %s failed", message.topic)
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        with self._lock:
+            self._subs.append((topic_filter, handler))
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=1)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop every handler of ``topic_filter`` here and at the broker (also after a
+        reconnect, which re-subscribes only what is left)."""
+        with self._lock:
+            self._subs = [(f, h) for f, h in self._subs if f != topic_filter]
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        self.stats.record(topic, payload, sent=True)
+        with self._lock:
+            self._pending = [p for p in self._pending if not _acknowledged(p)]
+            self._pending.append(info)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every QoS-1 publish is acknowledged; False if some are still pending."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._pending)
+        while not all(_acknowledged(p) for p in pending):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        self.flush()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT so the broker fires the Last Will (tests)."""
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()

@@ -1,0 +1,173 @@
+"""The wire protocol: message kinds, encode/decode and validation. No I/O.
+
+Every payload is a safetensors blob: tensors plus string metadata. safetensors is chosen over
+pickle (arbitrary code on load) and over JSON (no binary tensors): its header is a bounded JSON
+document we can inspect *before* touching tensor bytes, so a hostile payload is rejected cheaply.
+Structured, non-tensor fields travel as one JSON document under the metadata key ``json``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+# Topic names and ids live in ``topics`` (standard library only, for the edge agent); callers
+# keep reaching them as ``protocol.Topics`` and so on.
+from fededge.wire.topics import SERVER_ID, ProtocolError, Topics, validate_id
+
+SCHEMA_VERSION = "1"
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+
+KIND_CONFIG = "config"
+KIND_ROUND = "round"
+KIND_UPLOAD = "upload"
+KIND_CONSENSUS = "consensus"
+KIND_METRICS = "metrics"
+KIND_PRESENCE = "presence"
+KINDS = (KIND_CONFIG, KIND_ROUND, KIND_UPLOAD, KIND_CONSENSUS, KIND_METRICS, KIND_PRESENCE)
+
+# safetensors dtype codes we accept, and the numpy dtypes they decode to.
+_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
+           "I32": np.int32, "U8": np.uint8, "I8": np.int8}
+
+
+@dataclass
+class Message:
+    """One decoded payload. ``info`` is the JSON-able structured part."""
+
+    kind: str
+    sender: str
+    round: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a receiver expects of one tensor; ``None`` in a shape matches any length."""
+
+    name: str
+    dtypes: tuple[str, ...]
+    shape: tuple[int | None, ...]
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message; refuses non-finite floats so we never emit what we would reject."""
+    if msg.kind not in KINDS:
+        raise ProtocolError(f"unknown message kind {msg.kind!r}")
+    for name, arr in msg.tensors.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ProtocolError(f"tensor {name!r} holds NaN or Inf; refusing to send it")
+    metadata = {
+        "schema": SCHEMA_VERSION,
+        "kind": msg.kind,
+        "sender": msg.sender,
+        "round": str(int(msg.round)),
+        "json": json.dumps(msg.info, separators=(",", ":"), sort_keys=True),
+    }
+    return st_save({k: np.ascontiguousarray(v) for k, v in msg.tensors.items()}, metadata=metadata)
+
+
+def _read_header(payload: bytes) -> dict[str, Any]:
+    if len(payload) < 8:
+        raise ProtocolError(f"payload of {len(payload)} bytes is too short for safetensors")
+    (header_len,) = struct.unpack("<Q", payload[:8])
+    if header_len > MAX_HEADER_BYTES or header_len > len(payload) - 8:
+        raise ProtocolError(f"safetensors header length {header_len} is out of bounds")
+    try:
+        header = json.loads(payload[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"safetensors header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("safetensors header is not a JSON object")
+    return header
+
+
+def _metadata(header: dict[str, Any]) -> dict[str, str]:
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ProtocolError("payload has no string metadata block")
+    missing = [k for k in ("schema", "kind", "sender", "round", "json") if k not in meta]
+    if missing:
+        raise ProtocolError(f"metadata lacks {', '.join(missing)}")
+    if meta["schema"] != SCHEMA_VERSION:
+        raise ProtocolError(f"schema version {meta['schema']!r} is not {SCHEMA_VERSION!r}")
+    if meta["kind"] not in KINDS:
+        raise ProtocolError(f"unknown message kind {meta['kind']!r}")
+    return meta
+
+
+def decode(payload: bytes, *, topic: str | None = None, topics: Topics | None = None,
+           max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Message:
+    """Parse and validate everything that does not depend on round state.
+
+    Checks: size limit, header bounds, schema version, known kind, well-formed sender and round,
+    sender equal to the device named by the topic, accepted dtypes, finite floats.
+    """
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    header = _read_header(payload)
+    meta = _metadata(header)
+    sender = meta["sender"]
+    if sender != SERVER_ID:
+        validate_id(sender, "sender")
+    try:
+        rnd = int(meta["round"])
+    except ValueError:
+        raise ProtocolError(f"round {meta['round']!r} is not an integer") from None
+    if rnd < 0:
+        raise ProtocolError(f"round {rnd} is negative")
+    if topic is not None and topics is not None:
+        owner = topics.device_of(topic)
+        if owner is not None and owner != sender:
+            raise ProtocolError(f"sender {sender!r} does not match topic device {owner!r}")
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES:
+            raise ProtocolError(f"tensor {name!r} has an unsupported dtype {spec!r:.60}")
+    try:
+        info = json.loads(meta["json"])
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"metadata json is invalid: {exc}") from None
+    if not isinstance(info, dict):
+        raise ProtocolError("metadata json is not an object")
+    try:
+        tensors = st_load(bytes(payload))
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"tensor data is malformed: {exc}") from None
+    for name, arr in tensors.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ProtocolError(f"tensor {name!r} holds NaN or Inf")
+    return Message(kind=meta["kind"], sender=sender, round=rnd, info=info, tensors=tensors)
+
+
+def require_tensors(msg: Message, specs: Iterable[TensorSpec]) -> None:
+    """Check a message carries exactly the expected tensors with accepted dtypes and shapes."""
+    specs = list(specs)
+    expected = {s.name for s in specs}
+    got = set(msg.tensors)
+    if got != expected:
+        raise ProtocolError(f"tensors {sorted(got)} differ from the expected {sorted(expected)}")
+    for spec in specs:
+        arr = msg.tensors[spec.name]
+        code = next(k for k, v in _DTYPES.items() if np.dtype(v) == arr.dtype)
+        if code not in spec.dtypes:
+            raise ProtocolError(f"tensor {spec.name!r} has dtype {code}, expected {spec.dtypes}")
+        if len(arr.shape) != len(spec.shape) or any(
+                want is not None and want != have for want, have in zip(spec.shape, arr.shape)):
+            raise ProtocolError(f"tensor {spec.name!r} has shape {tuple(arr.shape)}, "
+                                f"expected {tuple('*' if s is None else s for s in spec.shape)}")
+
+
+def presence(sender: str, status: str, **info: Any) -> Message:
+    """A presence message; the ``offline`` form is the Last Will set at connect time."""
+    return Message(kind=KIND_PRESENCE, sender=sender, info={"status": status, **info})
