@@ -12,8 +12,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from fededge.errors import FedEdgeError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedEdgeError, ValueError):
     """A federation setting out of range; the message names the setting and the valid range."""
 
 

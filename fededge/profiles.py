@@ -27,6 +27,7 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
+from fededge.errors import FedEdgeError
 
 REFERENCE_GFLOPS = 332.8
 """Peak FP32 GFLOPS of the reference profile, ``x86-gateway`` (copied from its TOML), so that
@@ -44,7 +45,7 @@ EFFICIENCY = {"cpu": 0.05, "gpu": 0.02}
 CALL_OVERHEAD_MS = {"cpu": 0.05, "gpu": 0.3}
 
 
-class ProfileError(ValueError):
+class ProfileError(FedEdgeError, ValueError):
     """A device profile that cannot be loaded or used; the message names file and field."""
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fededge.transport.brokers import BrokerError, mosquitto_binary
-from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
 from fededge.config import FederationConfig
+from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
 from fededge.learn.data import load_dataset, split_federated
 from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
+from fededge.transport.brokers import BrokerError, mosquitto_binary
 
 STUDENTS = ("cnn-xs", "cnn-s", "cnn-m")
 

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fededge.transport.mqtt import MqttTransport, TlsConfig
-
 from helpers import has_mosquitto  # noqa: F401  (re-exported for the kit tests)
+
+from fededge.transport.mqtt import MqttTransport, TlsConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "federation.toml"

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import fededge.learn.aggregate as agg
-
 from fededge.learn.aggregate import (
     AGGREGATORS,
     AggregationError,

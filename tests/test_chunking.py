@@ -5,17 +5,22 @@ import struct
 
 import numpy as np
 import pytest
+from helpers import make_client, small_config, small_split
 
-from fededge.transport.brokers import EmbeddedBroker
-from fededge.transport.chunking import (HEADER_BYTES, ChunkError, ChunkingTransport, Reassembler, is_chunk,
-                              split)
 from fededge.federation.server import FederationServer
 from fededge.federation.strategies.fedavg import FedAvgServer
+from fededge.learn.weights import flat_weights
+from fededge.transport.brokers import EmbeddedBroker
+from fededge.transport.chunking import (
+    HEADER_BYTES,
+    ChunkError,
+    ChunkingTransport,
+    Reassembler,
+    is_chunk,
+    split,
+)
 from fededge.transport.memory import MemoryHub
 from fededge.transport.mqtt import MqttTransport
-from fededge.learn.weights import flat_weights
-
-from helpers import make_client, small_config, small_split
 
 PAYLOAD = bytes(np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8))
 

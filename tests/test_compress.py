@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from fededge.config import ConfigError, FederationConfig
 from fededge.wire import protocol as proto
 from fededge.wire.codecs import CODECS, bytes_per_value, codec_for
-from fededge.config import ConfigError, FederationConfig
 
 
 def _codec(name: str, classes: int = 10, **settings):

@@ -22,30 +22,35 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import EDGE_BLOCKED, blocked_env, run_blocked, stdout_of
+from kit_helpers import (
+    AGENT,
+    REPO,
+    Processes,
+    collect,
+    connect_party,
+    federation_file,
+    has_mosquitto,
+)
 from typer.testing import CliRunner
 
-from fededge.delivery import bundle as delivery
-
-from fededge.kits import pki
-
-from fededge.edge import runtime
-from fededge.edge.agent import Agent
-from fededge.transport.brokers import free_port, wait_for_port
 from fededge.cli.app import app
-from fededge.learn.data import load_dataset, split_federated
+from fededge.delivery import bundle as delivery
 from fededge.delivery.deploy import Deployment, deploy, load_signer
 from fededge.delivery.export import EvalData, StudentMeta, export_student
+from fededge.edge import runtime
+from fededge.edge.agent import Agent
 from fededge.edge.installs import Installs, Pointer
+from fededge.kits import pki
 from fededge.kits.kit import load_kit
 from fededge.kits.manifest import verify_manifest
+from fededge.kits.provision import provision
+from fededge.learn.data import load_dataset, split_federated
 from fededge.learn.models import build_student
 from fededge.profiles import get_profile
-from fededge.kits.provision import provision
-from fededge.wire.topics import Topics
 from fededge.transport.base import TransportError
-from helpers import EDGE_BLOCKED, blocked_env, run_blocked, stdout_of
-from kit_helpers import (AGENT, REPO, Processes, collect, connect_party, federation_file,
-                         has_mosquitto)
+from fededge.transport.brokers import free_port, wait_for_port
+from fededge.wire.topics import Topics
 
 TOPICS = Topics("demo")
 CHUNK = 4096  # small chunks, so every bundle arrives in several

@@ -12,16 +12,14 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from fededge import __version__
-
-from fededge.delivery import export
-
-from fededge.edge import runtime
 from fededge.cli.model import export_cmd
-from fededge.learn.data import load_dataset, split_federated
+from fededge.delivery import export
 from fededge.delivery.export import EvalData, ExportError, StudentMeta, export_run, export_student
+from fededge.edge import runtime
+from fededge.learn.data import load_dataset, split_federated
 from fededge.learn.models import build_student, image_zoo, tabular_zoo
-from fededge.profiles import get_profile
 from fededge.learn.trainer import Trainer
+from fededge.profiles import get_profile
 
 PROFILE = "pi-4-4gb"
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import REQUIRES_MOSQUITTO
 
 from fededge.sim.fleet import Fleet
 from fededge.sim.simulate import SimulationOptions, run_simulation
-
-from helpers import REQUIRES_MOSQUITTO
-
 
 pytestmark = REQUIRES_MOSQUITTO
 

@@ -4,14 +4,13 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import make_client, small_config, small_split
 
-from fededge.wire import protocol as proto
 from fededge.federation.server import FederationError, FederationServer
 from fededge.federation.strategies.base import Payload
 from fededge.federation.strategies.fedmd import FedMDServer, announced_rows
 from fededge.transport.memory import MemoryHub
-
-from helpers import make_client, small_config, small_split
+from fededge.wire import protocol as proto
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,17 @@ import struct
 import threading
 
 import numpy as np
+from helpers import REQUIRES_MOSQUITTO, make_client, small_config, small_split
 from safetensors.numpy import save as st_save
 
-from fededge.wire import protocol as proto
-from fededge.transport.brokers import MosquittoBroker
 from fededge.federation.client import FederationClient
 from fededge.federation.server import FederationServer, ServerEvents
 from fededge.federation.store import Store
 from fededge.federation.strategies.base import Payload
 from fededge.federation.strategies.fedmd import FedMDServer, announced_rows
+from fededge.transport.brokers import MosquittoBroker
 from fededge.transport.mqtt import MqttTransport
-
-from helpers import REQUIRES_MOSQUITTO, make_client, small_config, small_split
+from fededge.wire import protocol as proto
 
 N_CLIENTS = 3
 MAX_PAYLOAD = 256 * 1024
@@ -139,7 +138,9 @@ class Fuzzer:
                                    self.config.run_id).generate(HOSTILE)
         for topic, payload in payloads:
             self.transport.publish(topic, payload)
-        self.transport.flush(60)
+        # Under load 1,100 messages (five of 16 MiB) can take minutes to be acknowledged;
+        # the count below is only meaningful once all of them reached the broker.
+        assert self.transport.flush(600), "the broker did not acknowledge the attack"
         self.sent = len(payloads)
         self.done.set()
 
@@ -153,7 +154,7 @@ def _federation(split, tmp_path, attack: bool):
             # The hostile messages are then queued for the server ahead of every round-2
             # upload, so the run cannot end before the server has judged all of them.
             if fuzzer is not None and record.round == 1:
-                assert fuzzer.done.wait(60), "the fuzzer did not finish"
+                assert fuzzer.done.wait(600), "the fuzzer did not finish"
         transports = [MqttTransport("server", broker.host, broker.port).connect()]
         clients = []
         for i in range(N_CLIENTS):

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fededge.learn import models
-
 from fededge import profiles
+from fededge.learn import models
 
 DIGITS = ((1, 8, 8), 10)
 SHIPPED = {

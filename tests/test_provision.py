@@ -18,25 +18,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import requires_mosquitto
+from kit_helpers import (
+    AGENT,
+    DEVICES,
+    EXAMPLE,
+    REPO,
+    Processes,
+    collect,
+    connect_party,
+    federation_file,
+    has_mosquitto,
+)
 from typer.testing import CliRunner
 
-from fededge.kits import mosquitto as mq
-from fededge.kits import pki
-from fededge.wire import protocol as proto
-from fededge.transport.brokers import free_port, mosquitto_binary, wait_for_port
 from fededge.cli.app import app
 from fededge.config import ConfigError, FederationConfig
+from fededge.kits import mosquitto as mq
+from fededge.kits import pki
 from fededge.kits.fedfile import FederationFileError
 from fededge.kits.kit import load_kit
 from fededge.kits.manifest import verify_manifest
-from fededge.learn.privacy import (LocalPrivacy, clip_rows, delta_for, epsilon_for, privacy_report,
-                             release_mu)
 from fededge.kits.provision import provision
+from fededge.learn.privacy import (
+    LocalPrivacy,
+    clip_rows,
+    delta_for,
+    epsilon_for,
+    privacy_report,
+    release_mu,
+)
 from fededge.transport.base import TransportError
+from fededge.transport.brokers import free_port, mosquitto_binary, wait_for_port
 from fededge.transport.memory import MemoryHub
-from helpers import requires_mosquitto
-from kit_helpers import (AGENT, DEVICES, EXAMPLE, REPO, Processes, collect, connect_party,
-                         federation_file, has_mosquitto)
+from fededge.wire import protocol as proto
 
 
 def _mode(path: Path) -> int:
@@ -642,8 +657,8 @@ def test_revocation_reaches_a_running_broker_on_sighup(tmp_path):
 
 
 def test_a_dataset_file_ships_in_every_kit_and_devices_bring_their_own_data(tmp_path):
-    from fededge.learn.data import load_dataset
     from fededge.kits.run import _local_data, private_data
+    from fededge.learn.data import load_dataset
 
     digits = load_dataset("digits")
     np.savez(tmp_path / "public.npz", X=digits.X[:600], y=digits.y[:600],

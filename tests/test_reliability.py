@@ -10,19 +10,18 @@ import time
 
 import pytest
 import torch
+from helpers import make_client, small_config, small_split
 
-from fededge.wire import protocol as proto
-from fededge.federation.client import load_trainer_state, save_trainer_state
-from fededge.learn.models import build_student
+from fededge.federation.checkpoints import load_trainer_state, save_trainer_state
 from fededge.federation.server import FederationError, FederationServer, ServerEvents
-from fededge.sim.simulate import SimulationOptions, plan_participants, slowdown
 from fededge.federation.store import Store, StoreError
 from fededge.federation.strategies.fedmd import FedMDServer
+from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
+from fededge.sim.simulate import SimulationOptions, plan_participants, slowdown
 from fededge.transport.base import Transport
 from fededge.transport.memory import MemoryHub
-
-from helpers import make_client, small_config, small_split
+from fededge.wire import protocol as proto
 
 N = 3
 

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 import typer
+from helpers import run_blocked, stdout_of
 from typer.testing import CliRunner
 
-from fededge.edge import runtime
 from fededge.cli.model import infer_cmd
 from fededge.delivery.export import EvalData, StudentMeta, export_student
-from fededge.learn.models import build_student
-from fededge.profiles import get_profile
+from fededge.edge import runtime
 from fededge.edge.runtime import EdgeModel, InferenceError
+from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
-from helpers import run_blocked, stdout_of
+from fededge.profiles import get_profile
 
 REPO = Path(__file__).resolve().parent.parent
 

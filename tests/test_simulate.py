@@ -5,10 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import requires_mosquitto
 
 from fededge.sim.simulate import SimulationError, SimulationOptions, run_simulation
-
-from helpers import requires_mosquitto
 
 PROFILES = ["pi-zero-2w", "pi-4-4gb", "pi-5-8gb"]
 

@@ -3,21 +3,20 @@
 import numpy as np
 import pytest
 import torch
+from helpers import make_client, small_config, small_split
 
-from fededge.wire import protocol as proto
-from fededge.learn.aggregate import AggregationError
 from fededge.config import ConfigError
-from fededge.learn.models import build_student, estimate_cost
 from fededge.federation.server import FederationServer
 from fededge.federation.strategies import UnknownStrategyError, strategy_pair
 from fededge.federation.strategies.base import ClientContext, Payload, Reply
 from fededge.federation.strategies.fedavg import FedAvgClient, FedAvgKDServer, FedAvgServer
 from fededge.federation.strategies.feddf import FedDFServer
+from fededge.learn.aggregate import AggregationError
+from fededge.learn.models import build_student, estimate_cost
 from fededge.learn.trainer import Trainer
-from fededge.transport.memory import MemoryHub
 from fededge.learn.weights import flat_weights
-
-from helpers import make_client, small_config, small_split
+from fededge.transport.memory import MemoryHub
+from fededge.wire import protocol as proto
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from fededge.transport.brokers import EmbeddedBroker, free_port
 from fededge.transport.base import TransportError, publish_packet_size
+from fededge.transport.brokers import EmbeddedBroker, free_port
 from fededge.transport.memory import MemoryHub
 from fededge.transport.mqtt import MqttTransport
 

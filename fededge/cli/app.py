@@ -14,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fededge.cli.model import export_cmd, infer_cmd
-from fededge.cli.output import console, fail, user_errors
+from fededge.cli.output import console, fail
+from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes, rounds_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -38,7 +39,7 @@ def devices(data: Optional[str] = typer.Option(
 
         dataset = load_dataset(data)
         choices = describe_catalog(tuple(dataset.input_shape), dataset.num_classes)
-    except user_errors() as exc:
+    except FedEdgeError as exc:
         fail(exc)
     table = Table(title=f"Device profiles → students for {dataset.name} "
                         f"(input {'×'.join(map(str, dataset.input_shape))}, "
@@ -122,7 +123,7 @@ def simulate(
                                        f"{100 * (row.mean_accuracy or 0):.1f}%")
         try:
             result = run_simulation(opts, on_round)
-        except user_errors() as exc:
+        except FedEdgeError as exc:
             progress.stop()
             fail(exc)
     _print_simulation(result)

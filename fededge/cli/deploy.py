@@ -15,13 +15,11 @@ import typer
 from rich.table import Table
 
 from fededge.cli.output import console, fail
-from fededge.delivery.bundle import DEFAULT_CHUNK_BYTES, DeliveryError
-from fededge.edge.installs import InstallError, Installs
-from fededge.kits.kit import KitError, load_kit
-from fededge.kits.pki import PkiError
-from fededge.profiles import ProfileError
+from fededge.delivery.bundle import DEFAULT_CHUNK_BYTES
+from fededge.edge.installs import Installs
+from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes
-from fededge.transport.base import TransportError
+from fededge.kits.kit import load_kit
 
 
 def deploy_cmd(
@@ -41,13 +39,13 @@ def deploy_cmd(
                                   "broker to acknowledge every message."),
 ) -> None:
     """Publish each device's exported model, signed and retained, to that device only."""
-    from fededge.delivery.deploy import DeployError, deploy
+    from fededge.delivery.deploy import deploy
 
     try:
         with console.status("signing and publishing..."):
             results = deploy(export_dir, kit, devices or [], chunk_bytes=chunk_bytes,
                              timeout=timeout, wait=wait)
-    except (DeployError, DeliveryError, KitError, PkiError, TransportError, OSError) as exc:
+    except (FedEdgeError, OSError) as exc:
         fail(exc)
     table = Table(title="Deployed, retained on the broker until replaced (cleared: stale "
                         "chunks of earlier versions)")
@@ -92,7 +90,7 @@ def agent_cmd(
     try:
         agent = Agent(load_kit(kit), events=lambda line: console.print(line, highlight=False))
         agent.start()
-    except (KitError, ProfileError, InstallError, TransportError) as exc:
+    except FedEdgeError as exc:
         fail(exc)
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run `finally`
     server, outcome = None, None
@@ -132,7 +130,7 @@ def _rollback(kit: Path) -> None:
     try:
         load_kit(kit)
         pointer = Installs.of_kit(kit).rollback()
-    except (KitError, InstallError) as exc:
+    except FedEdgeError as exc:
         fail(exc)
     console.print(f"rolled back: serving {pointer.current} instead of {pointer.previous}; "
                   f"{pointer.previous} will not be re-installed from its retained deployment "

@@ -13,7 +13,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fededge.cli.output import console, fail, pct, user_errors
+from fededge.cli.output import console, fail, pct
+from fededge.errors import FedEdgeError
 
 
 def _privacy_line(report: dict | None) -> str:
@@ -36,11 +37,11 @@ def provision_cmd(
 ) -> None:
     """Write startup kits: configs, credentials, certificates and the broker's Mosquitto files."""
     try:
-        from fededge.learn.privacy import privacy_report
         from fededge.kits.provision import provision
+        from fededge.learn.privacy import privacy_report
 
         result = provision(federation_file, out, revoke or [])
-    except user_errors() as exc:
+    except FedEdgeError as exc:
         fail(exc)
     table = Table(title=f"Kits of federation {result.config.federation!r} in {result.out}")
     for col in ("device", "profile", "role", "student", "credentials"):
@@ -72,7 +73,7 @@ def verify_kit_cmd(
 
     try:
         checked, problems = verify_manifest(directory)
-    except user_errors() as exc:
+    except FedEdgeError as exc:
         fail(exc)
     for problem in problems:
         console.print(f"[bold red]tampered:[/] {directory}/{problem}", highlight=False)
@@ -104,13 +105,13 @@ def broker_cmd(
             code = broker.run_foreground(lambda b: console.print(
                 f"mosquitto from {kit} listening on {b.host}:{b.port} (TLS; Ctrl-C to stop, "
                 "SIGHUP reloads passwords and ACL)", highlight=False))
-        except user_errors() as exc:
+        except FedEdgeError as exc:
             fail(exc)
         raise typer.Exit(code=code if code > 0 else 0)
     try:
         dev = (EmbeddedBroker(host, port) if embedded in (None, True)
                else MosquittoBroker(port=port, host=host)).start()
-    except user_errors() as exc:
+    except FedEdgeError as exc:
         fail(exc)
     console.print(f"{'amqtt' if embedded in (None, True) else 'mosquitto'} development broker "
                   f"listening on {host}:{port}, anonymous, no TLS (Ctrl-C to stop)")
@@ -130,10 +131,10 @@ def server_cmd(
     join_timeout: float = typer.Option(300.0, help="Seconds to wait for the devices to join."),
 ) -> None:
     """Run the federation server from its kit: publish the config, drive every round."""
-    from fededge.kits.kit import load_kit
     from fededge.federation.report import rounds_table
-    from fededge.kits.run import run_server
     from fededge.federation.server import ServerEvents
+    from fededge.kits.kit import load_kit
+    from fededge.kits.run import run_server
 
     def closed(record) -> None:
         console.print(f"round {record.round}: {len(record.accepted)}/{len(record.participants)} "
@@ -144,7 +145,7 @@ def server_cmd(
                       f"{len(loaded.devices)} devices", highlight=False)
         done = run_server(loaded, state=state, join_timeout=join_timeout,
                           events=ServerEvents(on_round_closed=closed))
-    except user_errors() as exc:
+    except FedEdgeError as exc:
         fail(exc)
     console.print(rounds_table(done.rows, title="Per-round results (all devices)"))
     console.print(f"federation done: {done.rounds} rounds, {done.accepted} uploads accepted, "
@@ -174,7 +175,7 @@ def client_cmd(
                       highlight=False)
         result = run_client(loaded, data=data, state=state, threads=threads,
                             on_progress=progress)
-    except user_errors() as exc:
+    except FedEdgeError as exc:
         fail(exc)
     last = result.client.history[-1] if result.client.history else {}
     console.print(f"federation done: final accuracy {pct(last.get('accuracy'))}; "

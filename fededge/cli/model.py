@@ -14,12 +14,13 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from fededge.edge import runtime
 from fededge.cli.output import console, fail, pct
+from fededge.edge import runtime
 from fededge.edge.installs import InstallError, Installs
-from fededge.kits.kit import CLIENT_FILE, KitError, load_kit
-from fededge.profiles import ProfileError, get_profile, usable_threads
+from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes
+from fededge.kits.kit import CLIENT_FILE, load_kit
+from fededge.profiles import get_profile, usable_threads
 
 if TYPE_CHECKING:
     from fededge.delivery.export import ExportResult
@@ -37,13 +38,13 @@ def export_cmd(
                             "(default RUN_DIR/export)."),
 ) -> None:
     """Export trained students as verified ONNX bundles that run with onnxruntime alone."""
-    from fededge.delivery.export import ExportError, export_run
+    from fededge.delivery.export import export_run
 
     try:
         with console.status("exporting and verifying against PyTorch..."):
             results = export_run(run_dir, device=device, all_devices=all_devices,
                                  quantize=quantize, out=out)
-    except (ExportError, OSError) as exc:  # OSError: e.g. an --out the user cannot write to
+    except (FedEdgeError, OSError) as exc:  # OSError: e.g. an --out the user cannot write to
         fail(exc)
     console.print(_export_table(results))
     for r in results:
@@ -98,7 +99,7 @@ def infer_cmd(
         if save_logits is not None:
             np.save(save_logits, report.logits)
     # OSError: e.g. an unreadable file; the others only for a kit (its installed model)
-    except (runtime.InferenceError, OSError, KitError, InstallError, ProfileError) as exc:
+    except (FedEdgeError, OSError) as exc:
         fail(exc)
     shown = min(show, len(report.labels))
     console.print(f"{report.model_file} ({model_dir.name}): {len(report.labels)} samples, "

@@ -3,7 +3,6 @@ percentages. Torch-free (the device commands import it)."""
 
 from __future__ import annotations
 
-import sys
 from typing import NoReturn
 
 import typer
@@ -11,29 +10,6 @@ from rich.console import Console
 from rich.markup import escape
 
 console = Console(soft_wrap=True)  # long paths stay on one line, whole
-
-
-USER_ERRORS = {
-    "fededge.learn.aggregate": "UnknownAggregatorError", "fededge.transport.brokers": "BrokerError",
-    "fededge.config": "ConfigError", "fededge.learn.data": "DataError",
-    "fededge.kits.fedfile": "FederationFileError", "fededge.kits.kit": "KitError",
-    "fededge.kits.manifest": "ManifestError", "fededge.learn.models": "UnknownStudentError",
-    "fededge.kits.pki": "PkiError", "fededge.profiles": "ProfileError",
-    "fededge.kits.provision": "ProvisionError", "fededge.federation.server": "FederationError",
-    "fededge.sim.simulate": "SimulationError", "fededge.federation.store": "StoreError",
-    "fededge.federation.strategies": "UnknownStrategyError", "fededge.transport.mqtt": "TransportError",
-}
-"""Exceptions that mean bad input or environment rather than a bug, by defining module."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The ``USER_ERRORS`` classes whose modules are loaded, for ``except user_errors()``.
-
-    Read from ``sys.modules`` instead of imported: an exception can only come from a module
-    that is loaded, and importing the rest would pull in torch, which a device with only the
-    ``edge`` extra lacks (the error message would become an ImportError traceback)."""
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
-                 if module in sys.modules)
 
 
 def fail(problem: BaseException | str, code: int = 2) -> NoReturn:

@@ -30,8 +30,9 @@ from typing import Any
 
 from cryptography import x509
 
-from fededge.kits import pki
 from fededge.edge.runtime import MANIFEST
+from fededge.errors import FedEdgeError
+from fededge.kits import pki
 from fededge.wire.topics import MAX_CHUNKS, ProtocolError, validate_id
 
 FORMAT = "fededge-deploy/1"
@@ -43,7 +44,7 @@ MAX_SEAL_BYTES = 4 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class DeliveryError(ValueError):
+class DeliveryError(FedEdgeError, ValueError):
     """A descriptor, chunk or bundle a device must refuse; the message is the logged reason."""
 
 

@@ -29,22 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fededge.delivery import bundle
-
-from fededge.kits import pki
-
 from fededge.edge import runtime
+from fededge.errors import FedEdgeError
+from fededge.kits import pki
 from fededge.kits.kit import DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, Kit, load_kit
 from fededge.kits.mqtt import connect
-from fededge.wire.topics import DEPLOY_ROLE, Topics
 from fededge.transport.base import TransportError
 from fededge.transport.mqtt import MqttTransport
+from fededge.wire.topics import DEPLOY_ROLE, Topics
 
 MIN_CHUNK_BYTES = 1024
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 """fededge's Mosquitto accepts packets up to its 16 MiB payload limit plus headers."""
 
 
-class DeployError(ValueError):
+class DeployError(FedEdgeError, ValueError):
     """A deployment that cannot start; the message names the input and the fix."""
 
 

@@ -42,8 +42,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fededge import __version__
-
 from fededge.edge import runtime
+from fededge.errors import FedEdgeError
 from fededge.learn.data import DataError, Standardizer
 from fededge.learn.models import UnknownStudentError, build_student
 from fededge.profiles import DeviceProfile, ProfileError, get_profile
@@ -63,7 +63,7 @@ BUNDLE_FILES = ("run.py", "requirements.txt", "README.md")
 RUNTIME_COPY = "fededge_runtime.py"
 
 
-class ExportError(ValueError):
+class ExportError(FedEdgeError, ValueError):
     """A run directory, device or student that cannot be exported (or failed verification);
     the message names the input and the fix."""
 

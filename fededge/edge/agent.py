@@ -37,14 +37,13 @@ import numpy as np
 from cryptography import x509
 
 from fededge.delivery import bundle
-
 from fededge.edge import runtime
 from fededge.edge.installs import Installs
 from fededge.kits.kit import CA_FILE, Kit, KitError
 from fededge.kits.mqtt import connect
 from fededge.profiles import get_profile, usable_threads
-from fededge.wire.topics import AGENT_ROLE, Topics
 from fededge.transport.mqtt import MqttTransport
+from fededge.wire.topics import AGENT_ROLE, Topics
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fededge.files import write_file
+from fededge.errors import FedEdgeError
+from fededge.files import fsync_dir, write_file
 from fededge.kits.kit import STATE_DIR
 
 AGENT_DIR = "agent"
@@ -30,7 +31,7 @@ POINTER_FILE = "installed.json"
 PARTIAL_PREFIX = ".partial-"
 
 
-class InstallError(ValueError):
+class InstallError(FedEdgeError, ValueError):
     """Install state that cannot be used or changed; the message names the file and the fix."""
 
 
@@ -42,15 +43,6 @@ class Pointer:
     current: str | None = None
     previous: str | None = None
     rolled_back: str | None = None
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (the directory entry, not just the data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Installs:
@@ -90,9 +82,9 @@ class Installs:
         partial.mkdir(parents=True)
         for name, data in files.items():
             write_file(partial / name, data)
-        _fsync_dir(partial)
+        fsync_dir(partial)
         os.replace(partial, final)
-        _fsync_dir(self.versions)
+        fsync_dir(self.versions)
         return final
 
     def activate(self, version: str) -> Pointer:
@@ -133,4 +125,4 @@ class Installs:
     def _swap(self, pointer: Pointer) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         write_file(self.pointer_file, json.dumps(asdict(pointer), indent=2) + "\n")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)

@@ -29,6 +29,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+try:  # inside fededge the CLI catches one base class; the copy in a bundle stands alone
+    from fededge.errors import FedEdgeError as _ErrorBase
+except ImportError:
+    _ErrorBase = Exception
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fededge-model/1"
 FP32_FILE = "model.onnx"
@@ -40,7 +45,7 @@ LATENCY_WARMUP = 10
 """Untimed runs first: the first calls allocate buffers and would inflate the p95."""
 
 
-class InferenceError(ValueError):
+class InferenceError(_ErrorBase, ValueError):
     """A model directory, data file or input the runtime cannot use; the message names it
     and says how to fix it."""
 

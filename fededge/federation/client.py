@@ -15,9 +15,7 @@ arrive again instead of a recomputed answer.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -26,27 +24,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
-from fededge.wire import protocol as proto
 from fededge.config import ConfigError, FederationConfig
+from fededge.federation.checkpoints import (
+    STATE_FILE,
+    load_trainer_state,
+    save_student,
+    save_trainer_state,
+)
 from fededge.federation.server import unbundle_consensus
 from fededge.federation.strategies import strategy_pair
 from fededge.federation.strategies.base import ClientContext, ClientStrategy, Payload
 from fededge.learn.trainer import Trainer
 from fededge.transport.base import Transport
+from fededge.wire import protocol as proto
 
 log = logging.getLogger(__name__)
 
 # How long a round announcement may wait for the previous round's consensus (brokers may reorder
 # messages of different topics) before the client answers it anyway.
 CONSENSUS_GRACE_S = 5.0
-
-STATE_FILE = "state.safetensors"
-"""The resume checkpoint: trainer tensors plus JSON metadata (run, round, byte counters)."""
-
 
 @dataclass
 class DeviceIdentity:
@@ -78,45 +76,6 @@ class _State:
     uploads: dict[int, tuple[bytes, float]] = field(default_factory=dict)
     pending_round: proto.Message | None = None
     pending_since: float = 0.0
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_trainer_state(trainer: Trainer, path: Path, meta: dict[str, Any]) -> None:
-    """Trainer state as safetensors (no pickle): ``model.*`` weights, ``optim.<param>.<key>``
-    Adam tensors and the ``rng`` bytes; Adam's hyperparameters and ``meta`` go in the JSON
-    metadata."""
-    state = trainer.state_dict()
-    tensors = {f"model.{k}": v.contiguous() for k, v in state["model"].items()}
-    for index, per_param in state["optimizer"]["state"].items():
-        tensors.update({f"optim.{index}.{key}": value for key, value in per_param.items()})
-    tensors["rng"] = state["generator"]
-    header = {"param_groups": state["optimizer"]["param_groups"], "meta": meta}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
-                                              metadata={"json": json.dumps(header)}))
-
-
-def load_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(``Trainer.state_dict()``-shaped state, meta) from ``save_trainer_state``'s file."""
-    with safe_open(str(path), framework="pt") as fh:
-        header = json.loads(fh.metadata()["json"])
-        tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    optim: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            optim.setdefault(int(index), {})[key] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g
-              for g in header["param_groups"]]
-    state = {"model": model, "optimizer": {"state": optim, "param_groups": groups},
-             "generator": tensors["rng"]}
-    return state, header["meta"]
 
 
 class FederationClient:
@@ -357,17 +316,12 @@ class FederationClient:
         """The exportable student (``student.*``), then the resume state (``state.*``)."""
         if self.checkpoint_dir is None:
             return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous() for k, v in self.trainer.model.state_dict().items()}
-        _atomic_write(self.checkpoint_dir / "student.safetensors",
-                      lambda tmp: save_file(weights, str(tmp)))
         last = self.history[-1] if self.history else {}
         meta = {"device": self.identity.device_id, "profile": self.identity.profile,
                 "student": self.identity.student, "params": self.identity.params,
                 "round": rnd, "accuracy": last.get("accuracy"),
                 "run_id": self.state.config.run_id, **self.checkpoint_meta}
-        _atomic_write(self.checkpoint_dir / "student.json",
-                      lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+        save_student(self.trainer.model, self.checkpoint_dir, meta)
         save_trainer_state(self.trainer, self.checkpoint_dir / STATE_FILE,
                            {"run_id": self.state.config.run_id, "round": rnd,
                             "bytes": self._byte_counters()})

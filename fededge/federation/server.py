@@ -32,11 +32,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from fededge.wire import protocol as proto
 from fededge.config import FederationConfig
+from fededge.errors import FedEdgeError
 from fededge.federation.store import Store
 from fededge.federation.strategies.base import Payload, Reply, ServerStrategy
 from fededge.transport.base import Transport
+from fededge.wire import protocol as proto
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ consensus self-contained, so a client that restarted (and never saw the announce
 absorb a round's consensus delivered as a retained message."""
 
 
-class FederationError(RuntimeError):
+class FederationError(FedEdgeError, RuntimeError):
     """The federation cannot go on (too few clients); never raised for a bad payload."""
 
 

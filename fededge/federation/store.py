@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sqlite3
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from fededge.config import FederationConfig
+from fededge.errors import FedEdgeError
+from fededge.files import atomic_write
 
 DB_NAME = "server.db"
 CONSENSUS_DIR = "consensus"
@@ -61,7 +62,7 @@ CREATE TABLE IF NOT EXISTS consensus (
 """
 
 
-class StoreError(ValueError):
+class StoreError(FedEdgeError, ValueError):
     """The state directory belongs to another federation or is unreadable; says what to do."""
 
 
@@ -256,11 +257,7 @@ class Store:
         if self.directory is None:
             self._consensus[rnd] = body
         else:
-            path = self._consensus_path(rnd)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(body)
-            os.replace(tmp, path)
+            atomic_write(self._consensus_path(rnd), body)
         with self._db:
             self._db.execute("BEGIN")
             self.end_attempt(rnd, attempt, "closed", accepted)

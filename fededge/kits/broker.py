@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fededge.files import SECRET_MODE, atomic_write
 from fededge.kits import mosquitto as mq
 from fededge.transport.brokers import BrokerError, mosquitto_binary, stop_process, wait_for_port
 
@@ -93,13 +94,8 @@ class KitBroker:
     def _stage(self, names: tuple[str, ...]) -> None:
         owner = self._owner()
         for name in names:
-            target = self._runtime / name
-            tmp = target.with_name(f".{name}.tmp")
-            shutil.copyfile(self.kit / name, tmp)
-            os.chmod(tmp, 0o600)
-            if owner:
-                os.chown(tmp, *owner)
-            os.replace(tmp, target)
+            atomic_write(self._runtime / name, (self.kit / name).read_bytes(), mode=SECRET_MODE,
+                         owner=owner)
 
     def start(self, timeout: float = 10.0) -> KitBroker:
         self._runtime = Path(tempfile.mkdtemp(prefix="fededge-broker-"))

@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fededge.errors import FedEdgeError
+
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 from fededge.config import FederationConfig
-from fededge.learn.data import PARTITIONERS
 from fededge.kits.kit import ROLES
+from fededge.learn.data import PARTITIONERS
 from fededge.wire.protocol import SERVER_ID, ProtocolError, validate_id
 
 # Settings provision derives (from the dataset, the federation name or each run), so a
@@ -34,7 +36,7 @@ PRIVACY_KEYS = {"noise_multiplier": "ldp_noise_multiplier", "clip": "ldp_clip",
                 "delta": "ldp_delta"}
 
 
-class FederationFileError(ValueError):
+class FederationFileError(FedEdgeError, ValueError):
     """A federation file that cannot be provisioned; the message names file, line and fix."""
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fededge.errors import FedEdgeError
+
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
@@ -31,7 +33,7 @@ CLIENT_ROLE = "client"
 ROLES = (CLIENT_ROLE, AGENT_ROLE)
 
 
-class KitError(ValueError):
+class KitError(FedEdgeError, ValueError):
     """A kit that cannot be used; the message names the file and what to do."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fededge.errors import FedEdgeError
 from fededge.files import sha256_file, write_file
 from fededge.kits.kit import MANIFEST_FILE, STATE_DIR
 
@@ -33,7 +34,7 @@ def write_manifest(root: Path, description: str) -> None:
     write_file(root / MANIFEST_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
-class ManifestError(ValueError):
+class ManifestError(FedEdgeError, ValueError):
     """A directory without a readable manifest."""
 
 

@@ -7,8 +7,8 @@ training processes all log in the same way.
 from __future__ import annotations
 
 from fededge.kits.kit import CA_FILE, CERT_FILE, KEY_FILE, Kit
-from fededge.wire.topics import role_user
 from fededge.transport.mqtt import MqttTransport, TlsConfig
+from fededge.wire.topics import role_user
 
 
 def connect(kit: Kit, *, role: str | None = None,

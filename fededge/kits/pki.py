@@ -25,17 +25,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fededge.errors import FedEdgeError
 from fededge.files import write_file, write_secret
 
 CA_YEARS = 10
 LEAF_YEARS = 5
 
 
-class PkiError(ValueError):
+class PkiError(FedEdgeError, ValueError):
     """A certificate or key on disk that cannot be used; the message names the file."""
 
 
-class SignatureError(ValueError):
+class SignatureError(FedEdgeError, ValueError):
     """A signature a receiver must refuse; the message says which check failed."""
 
 

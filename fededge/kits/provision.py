@@ -30,28 +30,48 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from fededge.config import ConfigError, FederationConfig
+from fededge.errors import FedEdgeError
+from fededge.federation.strategies import UnknownStrategyError, strategy_pair
+from fededge.files import private_dir, write_file, write_secret
 from fededge.kits import mosquitto as mq
 from fededge.kits import pki
-from fededge.learn.aggregate import UnknownAggregatorError
-from fededge.config import ConfigError, FederationConfig
-from fededge.learn.data import DataError, FederatedSplit, load_dataset, split_federated
 from fededge.kits.fedfile import PRIVACY_KEYS, DeviceSpec, FederationSpec, load_federation_file
-from fededge.files import private_dir, write_file, write_secret
-from fededge.kits.kit import (CA_FILE, CERT_FILE, CLIENT_FILE, CLIENT_ROLE, DATASET_FILE, DEPLOY_CERT_FILE,
-                  DEPLOY_KEY_FILE, KEY_FILE, PASSWORD_FILE, ROLES, STATE_DIR, BrokerAccess,
-                  DatasetRef, Kit)
+from fededge.kits.kit import (
+    CA_FILE,
+    CERT_FILE,
+    CLIENT_FILE,
+    CLIENT_ROLE,
+    DATASET_FILE,
+    DEPLOY_CERT_FILE,
+    DEPLOY_KEY_FILE,
+    KEY_FILE,
+    PASSWORD_FILE,
+    ROLES,
+    STATE_DIR,
+    BrokerAccess,
+    DatasetRef,
+    Kit,
+)
 from fededge.kits.manifest import write_manifest
+from fededge.learn.aggregate import UnknownAggregatorError
+from fededge.learn.data import DataError, FederatedSplit, load_dataset, split_federated
 from fededge.learn.models import zoo_for
-from fededge.profiles import DeviceProfile, ProfileError, get_profile, inference_exceeds, pick_student
+from fededge.profiles import (
+    DeviceProfile,
+    ProfileError,
+    get_profile,
+    inference_exceeds,
+    pick_student,
+)
 from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, role_user
-from fededge.federation.strategies import UnknownStrategyError, strategy_pair
 
 CA_DIR, BROKER_DIR = "ca", "broker"
 CA_KEY, REVOKED_FILE = "ca.key", "revoked.json"
 LOOPBACK_NAMES = ["localhost", "127.0.0.1"]
 
 
-class ProvisionError(ValueError):
+class ProvisionError(FedEdgeError, ValueError):
     """Provisioning cannot go on; the message names the input (file and line, or kit)."""
 
 

@@ -15,19 +15,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fededge.wire import protocol as proto
-from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
 from fededge.config import FederationConfig
-from fededge.learn.data import FederatedSplit, load_dataset, split_federated
-from fededge.kits.kit import STATE_DIR, Kit, KitError
-from fededge.kits.mqtt import connect
-from fededge.learn.privacy import worst_case_mu
-from fededge.profiles import get_profile, usable_threads
+from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
 from fededge.federation.report import RoundRow, round_rows
 from fededge.federation.server import FederationServer, ServerEvents
-from fededge.sim.simulate import checkpoint_meta, new_trainer, open_store
 from fededge.federation.strategies import strategy_pair
+from fededge.kits.kit import STATE_DIR, Kit, KitError
+from fededge.kits.mqtt import connect
+from fededge.learn.data import FederatedSplit, load_dataset, load_private_npz, split_federated
+from fededge.learn.privacy import worst_case_mu
+from fededge.profiles import get_profile, usable_threads
+from fededge.sim.simulate import checkpoint_meta, new_trainer, open_store
 from fededge.transport.base import Handler, Transport
+from fededge.wire import protocol as proto
 
 
 def kit_config(kit: Kit) -> FederationConfig:
@@ -127,27 +127,9 @@ class ClientRun:
 
 
 def private_data(path: str | Path, split: FederatedSplit) -> tuple[np.ndarray, np.ndarray]:
-    """A device's own labelled ``.npz`` (keys X, y), standardized like the federation's data.
-
-    Unlike a dataset file, a device's data may lack classes (non-IID devices are the norm), so
-    labels need only lie in 0..num_classes-1.
-    """
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            X, y = npz["X"], npz["y"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise KitError(f"{path}: cannot read private data ({exc}); save it with "
-                       "numpy.savez(path, X=X, y=y)") from None
-    if tuple(X.shape[1:]) != tuple(split.input_shape) or len(X) != len(y) or len(X) == 0:
-        raise KitError(f"{path}: X has shape {X.shape} and y {y.shape}; the federation needs "
-                       f"(N, {', '.join(map(str, split.input_shape))}) inputs and N labels")
-    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= split.num_classes:
-        raise KitError(f"{path}: labels must be integers 0..{split.num_classes - 1}")
-    X = X.astype(np.float32)
-    if not np.isfinite(X).all():
-        raise KitError(f"{path}: X holds NaN or Inf values; impute or drop those samples")
-    return split.preprocessing.apply(X), y.astype(np.int64)
+    """A device's own labelled ``.npz``, standardized like the federation's data."""
+    X, y = load_private_npz(path, split.input_shape, split.num_classes)
+    return split.preprocessing.apply(X), y
 
 
 def kit_split(kit: Kit) -> tuple[FederatedSplit, str]:

@@ -26,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 
+from fededge.errors import FedEdgeError
+
 Counts = "list[int] | np.ndarray"
 Aggregator = Callable[[list[np.ndarray], Counts], np.ndarray]
 
@@ -33,7 +35,7 @@ CLASS_COUNT_SMOOTHING = 1e-3
 """Added to every per-class count so a class nobody holds falls back to equal weights."""
 
 
-class AggregationError(ValueError):
+class AggregationError(FedEdgeError, ValueError):
     """The uploads cannot be aggregated; the message names the offending client or argument."""
 
 

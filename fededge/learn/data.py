@@ -19,13 +19,15 @@ from typing import Callable
 
 import numpy as np
 
+from fededge.errors import FedEdgeError
+
 BUILTIN_DATASETS = ("digits", "wine")
 STD_FLOOR = 1e-6
 """Standard deviations are floored here so constant features (e.g. digits' blank border
 pixels) map to 0 instead of dividing by zero."""
 
 
-class DataError(ValueError):
+class DataError(FedEdgeError, ValueError):
     """A dataset, its file or a split request is unusable; the message names the fix."""
 
 
@@ -101,6 +103,19 @@ def _load_npz(path: Path) -> Dataset:
     return Dataset(path.stem, X, y, X_public, num_classes, tuple(X.shape[1:]), class_names)
 
 
+def load_private_npz(path: str | os.PathLike[str], input_shape: tuple[int, ...],
+                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A device's own labelled ``.npz`` (keys X, y), raw, checked like a dataset file but
+    against the federation's input shape and classes (any subset of them)."""
+    path = Path(path)
+    arrays = _read_npz(path)
+    X = _check_features(path, "X", arrays["X"])
+    if tuple(X.shape[1:]) != tuple(input_shape):
+        raise DataError(f"{path}: X has shape {X.shape}; the federation needs "
+                        f"(N, {', '.join(map(str, input_shape))}) inputs")
+    return X, _check_labels(path, arrays["y"], len(X), num_classes)
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """Read the known keys; never unpickles (object arrays are refused by numpy)."""
     if not path.is_file():
@@ -159,8 +174,10 @@ def _check_features(path: Path, key: str, X: np.ndarray) -> np.ndarray:
     return X
 
 
-def _check_labels(path: Path, y: np.ndarray, n: int) -> np.ndarray:
-    """Return `y` as int64 class indices 0..C-1 with every class present and C >= 2."""
+def _check_labels(path: Path, y: np.ndarray, n: int, num_classes: int | None = None) -> np.ndarray:
+    """Return `y` as int64 class indices 0..C-1. A dataset (``num_classes`` None) must hold every
+    class and at least 2; a device's private data (non-IID devices are the norm) may lack
+    classes, so its labels need only lie in 0..num_classes-1."""
     if y.ndim != 1:
         raise DataError(
             f"{path}: y has shape {y.shape}; labels must be 1-D class indices "
@@ -182,6 +199,11 @@ def _check_labels(path: Path, y: np.ndarray, n: int) -> np.ndarray:
     if len(y) != n:
         raise DataError(f"{path}: X has {n} samples but y has {len(y)}; they must match")
     y = y.astype(np.int64)
+    if num_classes is not None:
+        if y.min() < 0 or y.max() >= num_classes:
+            raise DataError(f"{path}: labels must be integers 0..{num_classes - 1} (the "
+                            f"federation's classes); found {int(y.min())}..{int(y.max())}")
+        return y
     found = np.unique(y)
     if found[0] != 0 or found[-1] != len(found) - 1:
         raise DataError(f"{path}: {_label_advice(found)}")

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fededge.errors import FedEdgeError
+
 BYTES_PER_FLOAT = 4
 MIN_IMAGE_SIDE = 8
 """Smallest image height/width: the smallest side where one 2× max-pool leaves a 4×4 map."""
@@ -64,7 +66,7 @@ _TABULAR_SPECS: dict[str, tuple[int, ...]] = {
 }
 
 
-class UnknownStudentError(ValueError):
+class UnknownStudentError(FedEdgeError, ValueError):
     """A student name that is not in the zoo for the given input kind."""
 
 

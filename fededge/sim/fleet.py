@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from fededge.transport.brokers import MosquittoBroker, dev_mosquitto_conf, free_port
 from fededge.federation.store import Store
 from fededge.transport.base import TransportError
+from fededge.transport.brokers import MosquittoBroker, dev_mosquitto_conf, free_port
 from fededge.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,10 @@ def connect_with_retry(make: Callable[[], MqttTransport], timeout: float = 120.0
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from fededge.learn.data import load_dataset, split_federated
     from fededge.federation.server import FederationServer
-    from fededge.sim.simulate import federation_config, resume_context
     from fededge.federation.strategies import strategy_pair
+    from fededge.learn.data import load_dataset, split_federated
+    from fededge.sim.simulate import federation_config, resume_context
 
     opts = _options(args)
     split = split_federated(load_dataset(opts.data), opts.clients, partition=opts.partition,

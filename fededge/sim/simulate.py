@@ -18,20 +18,21 @@ import numpy as np
 import torch
 
 from fededge import __version__
-from fededge.transport.brokers import EmbeddedBroker, MosquittoBroker
-from fededge.transport.chunking import MIN_PAYLOAD, ChunkingTransport
-from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
 from fededge.config import FederationConfig
-from fededge.learn.data import FederatedSplit, load_dataset, split_federated
-from fededge.learn.models import build_student, estimate_cost, zoo_for
-from fededge.learn.privacy import privacy_report
-from fededge.profiles import DeviceProfile, get_profile, load_catalog, pick_student
+from fededge.errors import FedEdgeError
+from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
 from fededge.federation.report import RoundRow, round_rows, union_seconds, write_plot
 from fededge.federation.server import FederationServer, ServerEvents
 from fededge.federation.store import Store, StoreError
 from fededge.federation.strategies import strategy_pair
+from fededge.learn.data import FederatedSplit, load_dataset, split_federated
+from fededge.learn.models import build_student, estimate_cost, zoo_for
+from fededge.learn.privacy import privacy_report
 from fededge.learn.trainer import Trainer
+from fededge.profiles import DeviceProfile, get_profile, load_catalog, pick_student
 from fededge.transport.base import Transport
+from fededge.transport.brokers import EmbeddedBroker, MosquittoBroker
+from fededge.transport.chunking import MIN_PAYLOAD, ChunkingTransport
 from fededge.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 BROKERS = ("embedded", "mosquitto")
 
 
-class SimulationError(ValueError):
+class SimulationError(FedEdgeError, ValueError):
     """A simulation option that cannot work; the message names the option and the fix."""
 
 

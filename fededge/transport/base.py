@@ -14,10 +14,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from fededge.errors import FedEdgeError
+
 Handler = Callable[[str, bytes], None]
 
 
-class TransportError(RuntimeError):
+class TransportError(FedEdgeError, RuntimeError):
     """Connecting or publishing failed in a way the user must fix (address, credentials, TLS)."""
 
 

@@ -16,13 +16,15 @@ import threading
 import time
 from pathlib import Path
 
+from fededge.errors import FedEdgeError
+
 log = logging.getLogger(__name__)
 
 # Mosquitto silently drops QoS-1 messages beyond its default queue of 1000 per client.
 DEFAULT_MAX_QUEUED = 100_000
 
 
-class BrokerError(RuntimeError):
+class BrokerError(FedEdgeError, RuntimeError):
     """A broker could not start; the message says what to install or change."""
 
 

@@ -33,8 +33,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from fededge.wire.protocol import DEFAULT_MAX_PAYLOAD
+from fededge.errors import FedEdgeError
 from fededge.transport.base import Handler, Transport
+from fededge.wire.protocol import DEFAULT_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ MIN_PAYLOAD = 256
 MAX_SETS_PER_TOPIC = 2
 
 
-class ChunkError(ValueError):
+class ChunkError(FedEdgeError, ValueError):
     """A chunk frame that breaks the format; the message is the logged reason."""
 
 

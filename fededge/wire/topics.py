@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fededge.errors import FedEdgeError
+
 SERVER_ID = "server"
 AGENT_ROLE, DEPLOY_ROLE = "agent", "deploy"
 ROLE_SEPARATOR = "@"
@@ -23,7 +25,7 @@ retained chunk at once, and Mosquitto drops QoS-1 messages past a client's queue
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(FedEdgeError, ValueError):
     """A payload or topic that breaks the protocol; the message is the logged rejection reason."""
 
 

@@ -23,10 +23,15 @@ Phases are what a device does with a round, so distillation is a phase like any 
 
 from __future__ import annotations
 
+from fededge.errors import FedEdgeError
 from fededge.federation.strategies.base import ClientStrategy, ServerStrategy
+from fededge.federation.strategies.fedavg import (
+    FedAvgClient,
+    FedAvgKDClient,
+    FedAvgKDServer,
+    FedAvgServer,
+)
 from fededge.federation.strategies.feddf import FedDFServer
-from fededge.federation.strategies.fedavg import (FedAvgClient, FedAvgKDClient, FedAvgKDServer,
-                                                   FedAvgServer)
 from fededge.federation.strategies.fedmd import FedMDClient, FedMDServer
 
 STRATEGIES: dict[str, tuple[type[ServerStrategy], type[ClientStrategy]]] = {
@@ -37,7 +42,7 @@ STRATEGIES: dict[str, tuple[type[ServerStrategy], type[ClientStrategy]]] = {
 }
 
 
-class UnknownStrategyError(ValueError):
+class UnknownStrategyError(FedEdgeError, ValueError):
     pass
 
 

@@ -8,13 +8,27 @@ from typing import Any
 import numpy as np
 
 from fededge.config import ConfigError, FederationConfig
-from fededge.federation.strategies.base import (PHASE_DISTILL, PHASE_TEACHER, PHASE_WEIGHTS,
-                                                 ClientContext, ClientStrategy, Payload, Reply,
-                                                 ServerStrategy, teacher_name)
+from fededge.federation.strategies.base import (
+    PHASE_DISTILL,
+    PHASE_TEACHER,
+    PHASE_WEIGHTS,
+    ClientContext,
+    ClientStrategy,
+    Payload,
+    Reply,
+    ServerStrategy,
+    teacher_name,
+)
 from fededge.learn.aggregate import AggregationError
 from fededge.learn.trainer import Trainer
-from fededge.learn.weights import (flat_weights, initial_model, load_flat_weights, parameter_count,
-                                  require_same_architecture, weighted_mean)
+from fededge.learn.weights import (
+    flat_weights,
+    initial_model,
+    load_flat_weights,
+    parameter_count,
+    require_same_architecture,
+    weighted_mean,
+)
 from fededge.wire.protocol import ProtocolError, TensorSpec
 
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from fededge.config import FederationConfig
-from fededge.federation.strategies.base import (PHASE_LOGITS, ClientContext, ClientStrategy, Payload,
-                                                 Reply, ServerStrategy)
+from fededge.federation.strategies.base import (
+    PHASE_LOGITS,
+    ClientContext,
+    ClientStrategy,
+    Payload,
+    Reply,
+    ServerStrategy,
+)
 from fededge.learn.aggregate import SHARPENED_AGGREGATORS, get_aggregator
 from fededge.learn.privacy import LocalPrivacy
 from fededge.wire.codecs import codec_for
