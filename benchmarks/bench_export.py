@@ -28,13 +28,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fededge.edge import runtime
-from fededge.learn.data import FederatedSplit, load_dataset, split_federated
-from fededge.learn.data import Dataset as RawDataset
 from fededge.delivery.export import EvalData, ExportResult, StudentMeta, export_student
-from fededge.learn.models import build_student, image_zoo, tabular_zoo
-from fededge.profiles import get_profile
+from fededge.edge import runtime
+from fededge.learn.data import Dataset as RawDataset
+from fededge.learn.data import FederatedSplit, load_dataset, split_federated
+from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
+from fededge.learn.zoo import image_zoo, tabular_zoo
+from fededge.profiles import get_profile
 
 PROFILE = "x86-gateway"
 BATCHES = (1, 32)

@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import multiprocessing
 import json
+import multiprocessing
 import platform
 import time
 from pathlib import Path
@@ -37,18 +37,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fededge.wire import protocol as proto
-from fededge.federation.client import FederationClient
 from fededge.config import FederationConfig
-from fededge.learn.data import ClientData, FederatedSplit, load_dataset, split_federated
-from fededge.federation.server import FederationServer
-from fededge.sim.simulate import (SimulationOptions, build_client, federation_config,
-                              plan_participants)
-from fededge.federation.strategies import strategy_pair
-from fededge.federation.strategies.base import Payload
+from fededge.federation import wiring
+from fededge.federation.client import FederationClient
 from fededge.federation.strategies.fedmd import announced_rows
+from fededge.learn.data import ClientData, FederatedSplit, load_dataset, split_federated
+from fededge.sim.recipe import (
+    SimulationOptions,
+    device_client,
+    federation_config,
+    plan_participants,
+)
 from fededge.transport.base import Transport
 from fededge.transport.memory import MemoryHub
+from fededge.wire import envelope as proto
+from fededge.wire.messages import Payload, PresenceMessage
 
 ATTACKS = ("none", "absent", "random", "random+counts", "label-flip")
 REFERENCES = ("none", "absent")  # not attacks: with devices 8 and 9 honest, or not there at all
@@ -74,15 +77,17 @@ class RandomLogitsAttacker:
         for topic in (self.topics.config, self.topics.round, self.topics.consensus):
             transport.subscribe(topic, self._on_message)
 
-    def _send(self, topic: str, msg: proto.Message, retain: bool = False) -> None:
-        self.transport.publish(topic, proto.encode(msg), retain=retain)
+    def _send(self, topic: str, msg: proto.Message | PresenceMessage,
+              retain: bool = False) -> None:
+        body = msg.encode() if isinstance(msg, PresenceMessage) else proto.encode(msg)
+        self.transport.publish(topic, body, retain=retain)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         msg = proto.decode(payload)
         if msg.kind == proto.KIND_CONFIG and self.run_id is None:
             self.run_id = msg.info["run_id"]
             self._send(self.topics.presence(self.device),
-                       proto.presence(self.device, "online", run_id=self.run_id), retain=True)
+                       PresenceMessage(self.device, "online", self.run_id), retain=True)
         elif msg.kind == proto.KIND_ROUND and not msg.info.get("done") \
                 and msg.round not in self.answered:
             self.answered.add(msg.round)
@@ -94,7 +99,7 @@ class RandomLogitsAttacker:
                 {"logits": logits.astype(np.float16), "class_counts": self.counts}))
         elif msg.kind == proto.KIND_CONSENSUS and msg.info.get("final"):
             self._send(self.topics.presence(self.device),
-                       proto.presence(self.device, "offline", run_id=self.run_id), retain=True)
+                       PresenceMessage(self.device, "offline", self.run_id), retain=True)
 
 
 def _label_flipped(split: FederatedSplit) -> FederatedSplit:
@@ -115,9 +120,7 @@ def run(aggregator: str, attack: str, rounds: int, seed: int, workdir: Path) -> 
     hub = MemoryHub()
     honest = [i for i in range(CLIENTS) if attack == "none" or i not in BYZANTINE]
     present = honest if attack == "absent" else range(CLIENTS)
-    server = FederationServer(hub.connect("server"), config,
-                              strategy_pair(config.strategy)[0](config),
-                              expected_clients=len(present))
+    server = wiring.build_server(hub.connect("server"), config, expected_clients=len(present))
     data = _label_flipped(split) if attack == "label-flip" else split
     clients = []
     for i, p in enumerate(people):
@@ -126,8 +129,8 @@ def run(aggregator: str, attack: str, rounds: int, seed: int, workdir: Path) -> 
         transport = hub.connect(p.device_id,
                                 will=FederationClient.last_will(config.federation, p.device_id))
         if i in honest or attack == "label-flip":
-            clients.append(build_client(people, i, data, dataset.name, config, transport,
-                                        workdir / f"{aggregator}-{attack}" / p.device_id).start())
+            clients.append(device_client(people, i, data, dataset.name, config, transport,
+                                         workdir / f"{aggregator}-{attack}" / p.device_id).start())
         else:
             RandomLogitsAttacker(transport, config, p.device_id, len(split.clients[i].y),
                                  INFLATE if attack == "random+counts" else 1, seed + i)

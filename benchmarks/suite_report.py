@@ -8,9 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from fededge.wire.codecs import CODECS, bytes_per_value, codec_for
 from fededge.config import FederationConfig
-from fededge.learn.models import zoo_for
+from fededge.learn.zoo import zoo_for
+from fededge.wire.codecs import CODECS, bytes_per_value, codec_for
 
 Record = dict[str, Any]
 CLASSES = {"digits": 10, "wine": 3}

@@ -13,9 +13,11 @@ import torch
 
 from fededge.config import FederationConfig
 from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
+from fededge.federation.wiring import build_client
 from fededge.learn.data import load_dataset, split_federated
 from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
+from fededge.learn.zoo import estimate_cost
 from fededge.transport.brokers import BrokerError, mosquitto_binary
 
 STUDENTS = ("cnn-xs", "cnn-s", "cnn-m")
@@ -36,15 +38,15 @@ def small_config(split, **changes) -> FederationConfig:
 def make_client(transport, split, index: int, federation: str = "demo",
                 student: str | None = None, checkpoint_dir=None) -> FederationClient:
     student = student or STUDENTS[index % len(STUDENTS)]
-    torch.manual_seed(index)
-    model = build_student(student, split.input_shape, split.num_classes)
-    params = sum(p.numel() for p in model.parameters())
+    params = estimate_cost(student, split.input_shape, split.num_classes).params
     data = split.clients[index]
     local = LocalData(data.X, data.y, split.public_X, split.proxy_sha256, split.test_X,
                       split.test_y)
-    return FederationClient(transport, federation,
-                            DeviceIdentity(f"dev{index}", "test-profile", student, params),
-                            Trainer(model, seed=index), local, checkpoint_dir=checkpoint_dir)
+    config = FederationConfig(federation=federation, num_classes=split.num_classes,
+                              input_shape=tuple(split.input_shape))
+    return build_client(transport, config,
+                        DeviceIdentity(f"dev{index}", "test-profile", student, params), local,
+                        seed=index, checkpoint_dir=checkpoint_dir)
 
 
 def local_only_accuracy(split, index: int, epochs: int) -> float:

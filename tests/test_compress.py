@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fededge.config import ConfigError, FederationConfig
-from fededge.wire import protocol as proto
+from fededge.wire import envelope as proto
 from fededge.wire.codecs import CODECS, bytes_per_value, codec_for
 
 

@@ -17,8 +17,9 @@ from fededge.delivery import export
 from fededge.delivery.export import EvalData, ExportError, StudentMeta, export_run, export_student
 from fededge.edge import runtime
 from fededge.learn.data import load_dataset, split_federated
-from fededge.learn.models import build_student, image_zoo, tabular_zoo
+from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
+from fededge.learn.zoo import image_zoo, tabular_zoo
 from fededge.profiles import get_profile
 
 PROFILE = "pi-4-4gb"

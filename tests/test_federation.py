@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from helpers import make_client, small_config, small_split
 
+from fededge.federation.client import FederationClient
 from fededge.federation.server import FederationError, FederationServer
-from fededge.federation.strategies.base import Payload
 from fededge.federation.strategies.fedmd import FedMDServer, announced_rows
 from fededge.transport.memory import MemoryHub
-from fededge.wire import protocol as proto
+from fededge.wire import envelope as proto
+from fededge.wire.messages import Payload
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +85,9 @@ def test_hostile_uploads_are_rejected_and_the_round_still_closes(split):
 def test_a_client_that_dies_is_dropped_via_last_will(split):
     hub = MemoryHub()
     config = small_config(split, rounds=2, deadline_s=20)
-    topics = proto.Topics(config.federation)
-    transports = [hub.connect(f"dev{i}", will=(topics.presence(f"dev{i}"), proto.encode(
-        proto.presence(f"dev{i}", "offline")))) for i in range(3)]
+    transports = [hub.connect(f"dev{i}", will=FederationClient.last_will(config.federation,
+                                                                         f"dev{i}"))
+                  for i in range(3)]
     clients = [make_client(t, split, i) for i, t in enumerate(transports)]
     victim = clients[2]
     original = victim._on_consensus

@@ -17,11 +17,11 @@ from safetensors.numpy import save as st_save
 from fededge.federation.client import FederationClient
 from fededge.federation.server import FederationServer, ServerEvents
 from fededge.federation.store import Store
-from fededge.federation.strategies.base import Payload
 from fededge.federation.strategies.fedmd import FedMDServer, announced_rows
 from fededge.transport.brokers import MosquittoBroker
 from fededge.transport.mqtt import MqttTransport
-from fededge.wire import protocol as proto
+from fededge.wire import envelope as proto
+from fededge.wire.messages import Payload, PresenceMessage
 
 N_CLIENTS = 3
 MAX_PAYLOAD = 256 * 1024
@@ -94,11 +94,11 @@ class HostilePayloads:
                                                        "presence", "hack"])))),
             (up, self._upload(me, schema="2")),
             (up, self._upload(me, kind="metrics", info={"accuracy": 7.0})),
-            (up, self._upload(me, kind="metrics", rnd=99)),
+            (up, self._upload(me, kind="metrics", rnd=99, info={
+                "bytes": {"sent_bytes": 0, "received_bytes": 0}})),
             (self.topics.presence(me), rng.bytes(int(rng.integers(1, 100)))),
-            (self.topics.presence(me), proto.encode(proto.presence(
-                me, "online", run_id="another-run"))),
-            (self.topics.presence(me), proto.encode(proto.presence("dev1", "offline"))),
+            (self.topics.presence(me), PresenceMessage(me, "online", "another-run").encode()),
+            (self.topics.presence(me), PresenceMessage("dev1", "offline").encode()),
         ]
 
     def generate(self, count: int, oversize: int = 5) -> list[tuple[str, bytes]]:

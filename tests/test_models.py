@@ -9,20 +9,20 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fededge.learn import models
+from fededge.learn import arch, models, zoo
 
 IMAGE_SHAPES = [(1, 8, 8), (3, 32, 32), (1, 28, 28)]
 TABULAR_SHAPES = [(13,), (64,)]
-CASES = [(shape, name) for shape in IMAGE_SHAPES for name in models.image_zoo()] + [
-    (shape, name) for shape in TABULAR_SHAPES for name in models.tabular_zoo()
+CASES = [(shape, name) for shape in IMAGE_SHAPES for name in zoo.image_zoo()] + [
+    (shape, name) for shape in TABULAR_SHAPES for name in zoo.tabular_zoo()
 ]
 
 
 def test_zoo_names_and_order() -> None:
-    assert models.image_zoo() == ["cnn-xs", "cnn-s", "cnn-m", "cnn-l"]
-    assert models.tabular_zoo() == ["mlp-s", "mlp-m", "mlp-l"]
-    assert models.zoo_for((1, 8, 8)) == models.image_zoo()
-    assert models.zoo_for((13,)) == models.tabular_zoo()
+    assert zoo.image_zoo() == ["cnn-xs", "cnn-s", "cnn-m", "cnn-l"]
+    assert zoo.tabular_zoo() == ["mlp-s", "mlp-m", "mlp-l"]
+    assert zoo.zoo_for((1, 8, 8)) == zoo.image_zoo()
+    assert zoo.zoo_for((13,)) == zoo.tabular_zoo()
 
 
 @pytest.mark.parametrize(("shape", "name"), CASES)
@@ -31,16 +31,21 @@ def test_student_builds_and_costs_match(shape: tuple[int, ...], name: str) -> No
     logits = model(torch.randn(5, *shape))
     assert logits.shape == (5, 7)
     assert logits.dtype == torch.float32
-    cost = models.estimate_cost(name, shape, 7)
+    cost = zoo.estimate_cost(name, shape, 7)
     assert cost.name == name
     assert cost.params == sum(p.numel() for p in model.parameters())
     assert cost.weight_bytes == 4 * cost.params
     assert cost.train_memory_bytes == 4 * cost.weight_bytes + 32 * cost.activation_bytes * 2
+    # The torch-free figures are the built module's, traced: they cannot drift apart.
+    traced = models.trace(model, shape)
+    analytic = arch.measure(zoo.architecture(name, shape, 7), shape)
+    assert traced == analytic
+
 
 
 @pytest.mark.parametrize("shape", IMAGE_SHAPES + TABULAR_SHAPES)
 def test_params_and_flops_strictly_increase_along_the_zoo(shape: tuple[int, ...]) -> None:
-    costs = [models.estimate_cost(name, shape, 10) for name in models.zoo_for(shape)]
+    costs = [zoo.estimate_cost(name, shape, 10) for name in zoo.zoo_for(shape)]
     params = [c.params for c in costs]
     flops = [c.flops for c in costs]
     assert params == sorted(set(params)), params
@@ -48,7 +53,7 @@ def test_params_and_flops_strictly_increase_along_the_zoo(shape: tuple[int, ...]
 
 
 def test_digits_sizes_are_in_the_intended_ranges() -> None:
-    params = {name: models.estimate_cost(name, (1, 8, 8), 10).params for name in models.image_zoo()}
+    params = {name: zoo.estimate_cost(name, (1, 8, 8), 10).params for name in zoo.image_zoo()}
     assert 2_000 <= params["cnn-xs"] <= 4_000
     assert 5_000 <= params["cnn-s"] <= 10_000
     assert 30_000 <= params["cnn-m"] <= 45_000
@@ -57,7 +62,7 @@ def test_digits_sizes_are_in_the_intended_ranges() -> None:
 
 def test_cnn_xs_costs_by_hand() -> None:
     # 1x8x8 -> conv 1->12 (8x8) -> maxpool (4x4) -> conv 12->24 (4x4) -> avgpool (2x2) -> 96 -> 10
-    cost = models.estimate_cost("cnn-xs", (1, 8, 8), 10, batch_size=16)
+    cost = zoo.estimate_cost("cnn-xs", (1, 8, 8), 10, batch_size=16)
     assert cost.params == (12 * 1 * 9 + 12) + (24 * 12 * 9 + 24) + (96 * 10 + 10)
     macs = 8 * 8 * 12 * (1 * 9) + 4 * 4 * 24 * (12 * 9) + 96 * 10
     assert cost.flops == 2 * macs
@@ -69,7 +74,7 @@ def test_cnn_xs_costs_by_hand() -> None:
 
 
 def test_mlp_s_costs_by_hand() -> None:
-    cost = models.estimate_cost("mlp-s", (13,), 3)
+    cost = zoo.estimate_cost("mlp-s", (13,), 3)
     assert cost.params == 13 * 32 + 32 + 32 * 3 + 3
     assert cost.flops == 2 * (13 * 32 + 32 * 3)
 
@@ -85,15 +90,15 @@ def test_build_is_deterministic_given_the_seed() -> None:
 
 def test_estimate_cost_is_cached_and_leaves_the_rng_alone() -> None:
     state = torch.get_rng_state()
-    first = models.estimate_cost("cnn-l", (2, 12, 12), 4)
+    first = zoo.estimate_cost("cnn-l", (2, 12, 12), 4)
     assert torch.equal(state, torch.get_rng_state())
-    assert models.estimate_cost("cnn-l", [2, 12, 12], 4) is first
+    assert zoo.estimate_cost("cnn-l", [2, 12, 12], 4) is first
 
 
 def test_numpy_integers_are_accepted() -> None:
     shape = tuple(np.array([1, 8, 8]))
-    cost = models.estimate_cost("cnn-xs", shape, np.int64(10))
-    assert cost == models.estimate_cost("cnn-xs", (1, 8, 8), 10)
+    cost = zoo.estimate_cost("cnn-xs", shape, np.int64(10))
+    assert cost == zoo.estimate_cost("cnn-xs", (1, 8, 8), 10)
     assert models.build_student("cnn-xs", shape, np.int64(10))(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
@@ -115,7 +120,7 @@ def _onnx_session(model: torch.nn.Module, shape: tuple[int, ...]) -> ort.Inferen
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [(name, (1, 8, 8)) for name in models.image_zoo()]
+    [(name, (1, 8, 8)) for name in zoo.image_zoo()]
     + [("cnn-xs", (1, 28, 28)), ("cnn-s", (3, 9, 13))],  # odd maps: overlapping avg-pool windows
 )
 def test_image_students_export_to_onnx_with_a_dynamic_batch(name: str, shape: tuple[int, ...]) -> None:
@@ -132,14 +137,14 @@ def test_image_students_export_to_onnx_with_a_dynamic_batch(name: str, shape: tu
 
 
 def test_unknown_student_names_the_valid_ones_for_the_input_kind() -> None:
-    with pytest.raises(models.UnknownStudentError) as info:
+    with pytest.raises(zoo.UnknownStudentError) as info:
         models.build_student("mlp-s", (1, 8, 8), 10)
     message = str(info.value)
     assert "'mlp-s'" in message and "image" in message
     assert "cnn-xs, cnn-s, cnn-m, cnn-l" in message
-    with pytest.raises(models.UnknownStudentError, match="mlp-s, mlp-m, mlp-l"):
-        models.estimate_cost("resnet18", (13,), 3)
-    assert issubclass(models.UnknownStudentError, ValueError)
+    with pytest.raises(zoo.UnknownStudentError, match="mlp-s, mlp-m, mlp-l"):
+        zoo.estimate_cost("resnet18", (13,), 3)
+    assert issubclass(zoo.UnknownStudentError, ValueError)
 
 
 @pytest.mark.parametrize(
@@ -163,4 +168,4 @@ def test_bad_shapes_and_class_counts_are_rejected(
 
 def test_bad_batch_size_is_rejected() -> None:
     with pytest.raises(ValueError, match="batch_size"):
-        models.estimate_cost("cnn-xs", (1, 8, 8), 10, batch_size=0)
+        zoo.estimate_cost("cnn-xs", (1, 8, 8), 10, batch_size=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fededge import profiles
-from fededge.learn import models
+from fededge.learn import picking, zoo
 
 DIGITS = ((1, 8, 8), 10)
 SHIPPED = {
@@ -181,7 +181,7 @@ def test_paths_below_the_working_directory_are_shown_relative(
 def test_digits_catalog_uses_at_least_three_students(
     catalog: dict[str, profiles.DeviceProfile],
 ) -> None:
-    picked = {c.profile.name: c.student for c in profiles.describe_catalog(*DIGITS, catalog)}
+    picked = {c.profile.name: c.student for c in picking.describe_catalog(*DIGITS, catalog)}
     assert picked["pi-zero-2w"] == "cnn-xs"
     assert picked["pi-3bplus"] == "cnn-s"
     assert picked["pi-4-4gb"] == "cnn-m"
@@ -194,48 +194,48 @@ def test_digits_catalog_uses_at_least_three_students(
 def test_pick_is_the_largest_member_within_every_budget(
     catalog: dict[str, profiles.DeviceProfile], shape: tuple[int, ...]
 ) -> None:
-    zoo = models.zoo_for(shape)
+    ladder = zoo.zoo_for(shape)
     for profile in catalog.values():
-        choice = profiles.pick_student(profile, shape, 10)
+        choice = picking.pick_student(profile, shape, 10)
         assert choice.profile is profile and not choice.inference_only
         budgets = profile.budgets
         assert choice.cost.params <= budgets.max_params
         assert choice.cost.train_memory_bytes <= budgets.max_train_memory_mb * 2**20
         assert choice.latency_ms <= budgets.max_latency_ms
-        for bigger in zoo[zoo.index(choice.student) + 1 :]:
-            cost = models.estimate_cost(bigger, shape, 10)
+        for bigger in ladder[ladder.index(choice.student) + 1 :]:
+            cost = zoo.estimate_cost(bigger, shape, 10)
             assert (
                 cost.params > budgets.max_params
                 or cost.train_memory_bytes > budgets.max_train_memory_mb * 2**20
-                or profiles.estimate_latency_ms(cost, profile) > budgets.max_latency_ms
+                or picking.estimate_latency_ms(cost, profile) > budgets.max_latency_ms
             )
 
 
 def test_latency_budget_binds_for_larger_inputs(catalog: dict[str, profiles.DeviceProfile]) -> None:
     nano = catalog["jetson-nano-4gb"]
-    big = models.estimate_cost("cnn-l", (3, 48, 48), 10)
+    big = zoo.estimate_cost("cnn-l", (3, 48, 48), 10)
     assert big.params <= nano.budgets.max_params
-    assert profiles.estimate_latency_ms(big, nano) > nano.budgets.max_latency_ms
-    assert profiles.pick_student(nano, (3, 48, 48), 10).student == "cnn-m"
+    assert picking.estimate_latency_ms(big, nano) > nano.budgets.max_latency_ms
+    assert picking.pick_student(nano, (3, 48, 48), 10).student == "cnn-m"
 
 
 def test_latency_estimate_follows_the_documented_formula(
     catalog: dict[str, profiles.DeviceProfile],
 ) -> None:
-    cost = models.estimate_cost("cnn-m", *DIGITS)
+    cost = zoo.estimate_cost("cnn-m", *DIGITS)
     pi4, nano = catalog["pi-4-4gb"], catalog["jetson-nano-4gb"]
-    assert profiles.estimate_latency_ms(cost, pi4) == pytest.approx(
-        cost.flops / (57.6e9 * profiles.EFFICIENCY["cpu"]) * 1e3 + profiles.CALL_OVERHEAD_MS["cpu"]
+    assert picking.estimate_latency_ms(cost, pi4) == pytest.approx(
+        cost.flops / (57.6e9 * picking.EFFICIENCY["cpu"]) * 1e3 + picking.CALL_OVERHEAD_MS["cpu"]
     )
-    assert profiles.estimate_latency_ms(cost, nano) == pytest.approx(
-        cost.flops / (236e9 * profiles.EFFICIENCY["gpu"]) * 1e3 + profiles.CALL_OVERHEAD_MS["gpu"]
+    assert picking.estimate_latency_ms(cost, nano) == pytest.approx(
+        cost.flops / (236e9 * picking.EFFICIENCY["gpu"]) * 1e3 + picking.CALL_OVERHEAD_MS["gpu"]
     )
 
 
 def test_tiny_budget_raises_a_helpful_error(catalog: dict[str, profiles.DeviceProfile]) -> None:
     tiny = with_budgets(catalog["pi-zero-2w"], max_params=500)
-    with pytest.raises(profiles.NoStudentFitsError) as info:
-        profiles.pick_student(tiny, *DIGITS)
+    with pytest.raises(picking.NoStudentFitsError) as info:
+        picking.pick_student(tiny, *DIGITS)
     message = str(info.value)
     assert "'pi-zero-2w'" in message
     assert "the smallest, cnn-xs, exceeds budgets.max_params (needs 3,706, budget 500)" in message
@@ -248,7 +248,7 @@ def test_describe_catalog_marks_profiles_without_a_fit(
     catalog: dict[str, profiles.DeviceProfile],
 ) -> None:
     squeezed = dict(catalog, **{"pi-zero-2w": with_budgets(catalog["pi-zero-2w"], max_latency_ms=0.01)})
-    choices = {c.profile.name: c for c in profiles.describe_catalog(*DIGITS, squeezed)}
+    choices = {c.profile.name: c for c in picking.describe_catalog(*DIGITS, squeezed)}
     zero = choices["pi-zero-2w"]
     assert zero.student is None and zero.cost is None and zero.latency_ms is None
     assert "budgets.max_latency_ms" in zero.reason
@@ -260,17 +260,17 @@ def test_inference_only_profiles_ignore_the_training_memory_budget(tmp_path: Pat
     text = re.sub(r"^max_train_memory_mb = .*$", "max_train_memory_mb = 0.25", text, flags=re.M)
     viewer = profiles.load_profile(write_profile(tmp_path, text, name="kiosk"))
     assert viewer.can_train is False
-    choice = profiles.pick_student(viewer, *DIGITS)
+    choice = picking.pick_student(viewer, *DIGITS)
     assert choice.inference_only is True
     assert choice.student == "cnn-m"  # limited by max_params only
     assert choice.cost.train_memory_bytes > 0.25 * 2**20
 
     trainer = dataclasses.replace(viewer, can_train=True)
-    with pytest.raises(profiles.NoStudentFitsError, match="budgets.max_train_memory_mb"):
-        profiles.pick_student(trainer, *DIGITS)
+    with pytest.raises(picking.NoStudentFitsError, match="budgets.max_train_memory_mb"):
+        picking.pick_student(trainer, *DIGITS)
 
 
 def test_tabular_inputs_use_the_mlp_zoo(catalog: dict[str, profiles.DeviceProfile]) -> None:
-    choice = profiles.pick_student(catalog["pi-zero-2w"], (13,), 3)
+    choice = picking.pick_student(catalog["pi-zero-2w"], (13,), 3)
     assert choice.student == "mlp-s"
-    assert profiles.pick_student(catalog["x86-gateway"], (13,), 3).student == "mlp-l"
+    assert picking.pick_student(catalog["x86-gateway"], (13,), 3).student == "mlp-l"

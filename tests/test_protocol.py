@@ -5,7 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from fededge.wire import protocol as proto
+from fededge.wire import envelope as proto
+from fededge.wire.messages import PresenceMessage
 
 TOPICS = proto.Topics("fed1")
 
@@ -106,7 +107,7 @@ def test_require_tensors_checks_names_dtypes_and_shapes():
 
 
 def test_presence_message_is_small_and_decodes():
-    payload = proto.encode(proto.presence("dev1", "offline"))
+    payload = PresenceMessage("dev1", "offline").encode()
     assert len(payload) < 200
     msg = proto.decode(payload, topic=TOPICS.presence("dev1"), topics=TOPICS)
     assert msg.info == {"status": "offline"} and msg.tensors == {}

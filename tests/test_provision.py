@@ -51,7 +51,7 @@ from fededge.learn.privacy import (
 from fededge.transport.base import TransportError
 from fededge.transport.brokers import free_port, mosquitto_binary, wait_for_port
 from fededge.transport.memory import MemoryHub
-from fededge.wire import protocol as proto
+from fededge.wire import envelope as proto
 
 
 def _mode(path: Path) -> int:
@@ -432,7 +432,7 @@ def test_privacy_settings_are_checked_and_reported():
 
 
 def test_device_refuses_a_server_config_weaker_than_its_kit():
-    from fededge.kits.run import ConfigGuard
+    from fededge.kits.device import ConfigGuard
 
     hub = MemoryHub()
     floor = FederationConfig(federation="demo", ldp_noise_multiplier=2.0,
@@ -460,7 +460,8 @@ def test_fedmd_reply_noises_logits_on_the_device():
         def logits(self, rows):
             return np.full((len(rows), 10), 3.0, dtype=np.float32)
     config = FederationConfig(ldp_noise_multiplier=1.0, share_class_counts=False, proxy_size=20)
-    ctx = ClientContext(Fixed(), np.zeros((5, 2)), np.zeros(5, dtype=np.int64), np.zeros((20, 2)))
+    ctx = ClientContext(Fixed(), np.zeros((5, 2)), np.zeros(5, dtype=np.int64), np.zeros((20, 2)),
+                        new_learner=None)
     client = FedMDClient(config)
     reply = client.reply(ctx, FedMDServer(config).configure(1))
     assert "class_counts" not in reply.tensors
@@ -657,7 +658,7 @@ def test_revocation_reaches_a_running_broker_on_sighup(tmp_path):
 
 
 def test_a_dataset_file_ships_in_every_kit_and_devices_bring_their_own_data(tmp_path):
-    from fededge.kits.run import _local_data, private_data
+    from fededge.kits.device import _local_data, private_data
     from fededge.learn.data import load_dataset
 
     digits = load_dataset("digits")

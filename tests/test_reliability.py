@@ -13,15 +13,16 @@ import torch
 from helpers import make_client, small_config, small_split
 
 from fededge.federation.checkpoints import load_trainer_state, save_trainer_state
+from fededge.federation.client import FederationClient
 from fededge.federation.server import FederationError, FederationServer, ServerEvents
 from fededge.federation.store import Store, StoreError
 from fededge.federation.strategies.fedmd import FedMDServer
 from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
-from fededge.sim.simulate import SimulationOptions, plan_participants, slowdown
+from fededge.sim.recipe import SimulationOptions, plan_participants, slowdown
 from fededge.transport.base import Transport
 from fededge.transport.memory import MemoryHub
-from fededge.wire import protocol as proto
+from fededge.wire import envelope as proto
 
 N = 3
 
@@ -61,8 +62,7 @@ class FaultyTransport(Transport):
 
 
 def _will(config, device):
-    return proto.Topics(config.federation).presence(device), proto.encode(
-        proto.presence(device, "offline"))
+    return FederationClient.last_will(config.federation, device)
 
 
 def _clients(hub, split, config, tmp_path, wrap=lambda i, t: t):

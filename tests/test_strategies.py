@@ -6,17 +6,19 @@ import torch
 from helpers import make_client, small_config, small_split
 
 from fededge.config import ConfigError
-from fededge.federation.server import FederationServer
 from fededge.federation.strategies import UnknownStrategyError, strategy_pair
-from fededge.federation.strategies.base import ClientContext, Payload, Reply
+from fededge.federation.strategies.base import ClientContext, Reply
 from fededge.federation.strategies.fedavg import FedAvgClient, FedAvgKDServer, FedAvgServer
 from fededge.federation.strategies.feddf import FedDFServer
+from fededge.federation.wiring import build_server, learner_factory, server_strategy
 from fededge.learn.aggregate import AggregationError
-from fededge.learn.models import build_student, estimate_cost
+from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
 from fededge.learn.weights import flat_weights
+from fededge.learn.zoo import estimate_cost
 from fededge.transport.memory import MemoryHub
-from fededge.wire import protocol as proto
+from fededge.wire import envelope as proto
+from fededge.wire.messages import Payload
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,8 @@ def _federate(split, config, students):
         msg = proto.decode(payload)
         seen.setdefault(msg.round, msg.info)
     hub.connect("watcher").subscribe(proto.Topics(config.federation).consensus, watch)
-    server = FederationServer(hub.connect("server"), config,
-                              strategy_pair(config.strategy)[0](config, split.public_X),
-                              expected_clients=len(students))
+    server = build_server(hub.connect("server"), config, public_X=split.public_X,
+                          expected_clients=len(students))
     clients = [make_client(hub.connect(f"dev{i}"), split, i, student=s).start()
                for i, s in enumerate(students)]
     server.run()
@@ -80,7 +81,8 @@ def test_fedavg_refuses_a_device_on_another_architecture(split):
     trainer = Trainer(build_student("cnn-s", split.input_shape, split.num_classes))
     data = split.clients[0]
     with pytest.raises(ConfigError, match="not the federation's student 'cnn-xs'"):
-        FedAvgClient(config).warmup(ClientContext(trainer, data.X, data.y, split.public_X))
+        FedAvgClient(config).warmup(ClientContext(trainer, data.X, data.y, split.public_X,
+                                                  learner_factory(config)))
 
 
 def test_fedavg_without_a_student_is_a_clear_error(split):
@@ -138,7 +140,7 @@ def test_feddf_server_model_learns_the_consensus_and_keeps_learning(split):
     target = split.public_X.reshape(len(rows), -1) @ W
     target = 5 * target / target.std()
     replies = [_logit_reply(f"d{i}", target) for i in range(3)]
-    server = FedDFServer(config, split.public_X)
+    server = server_strategy(config, split.public_X)
     agreement = []
     for rnd in (1, 2):
         consensus = server.aggregate(rnd, server.configure(rnd), replies)
@@ -148,10 +150,10 @@ def test_feddf_server_model_learns_the_consensus_and_keeps_learning(split):
         agreement.append((teacher.argmax(1) == target.argmax(1)).mean())
     assert agreement[0] > 0.6, "the server model did not learn the consensus"
     assert agreement[1] > agreement[0], "the server model does not carry over between rounds"
-    with pytest.raises(ConfigError, match="feddf needs the proxy set at the server"):
+    with pytest.raises(ConfigError, match="feddf needs the proxy set and torch at the server"):
         FedDFServer(config).aggregate(1, server.configure(1), replies)
     with pytest.raises(ConfigError, match="proxy set of 3 rows"):
-        FedDFServer(config, split.public_X[:3])
+        server_strategy(config, split.public_X[:3])
 
 
 def test_feddf_federation_runs_the_fedmd_clients(split):

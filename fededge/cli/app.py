@@ -35,7 +35,7 @@ def devices(data: Optional[str] = typer.Option(
     """Show every device profile and the student it would train."""
     try:
         from fededge.learn.data import load_dataset
-        from fededge.profiles import describe_catalog
+        from fededge.learn.picking import describe_catalog
 
         dataset = load_dataset(data)
         choices = describe_catalog(tuple(dataset.input_shape), dataset.num_classes)

@@ -162,8 +162,8 @@ def client_cmd(
                                           "the profile's, at most the CPU count)."),
 ) -> None:
     """Run one device from its kit until the federation's last round."""
+    from fededge.kits.device import device_kit, run_client
     from fededge.kits.kit import load_kit
-    from fededge.kits.run import device_kit, run_client
 
     def progress(entry: dict) -> None:
         label = "warm-up" if entry["round"] == 0 else f"round {entry['round']}"

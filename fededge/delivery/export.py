@@ -45,7 +45,8 @@ from fededge import __version__
 from fededge.edge import runtime
 from fededge.errors import FedEdgeError
 from fededge.learn.data import DataError, Standardizer
-from fededge.learn.models import UnknownStudentError, build_student
+from fededge.learn.models import build_student
+from fededge.learn.zoo import UnknownStudentError
 from fededge.profiles import DeviceProfile, ProfileError, get_profile
 
 OPSET = 17

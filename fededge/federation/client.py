@@ -33,12 +33,21 @@ from fededge.federation.checkpoints import (
     save_student,
     save_trainer_state,
 )
-from fededge.federation.server import unbundle_consensus
 from fededge.federation.strategies import strategy_pair
-from fededge.federation.strategies.base import ClientContext, ClientStrategy, Payload
-from fededge.learn.trainer import Trainer
+from fededge.federation.strategies.base import ClientContext, ClientStrategy
+from fededge.learn.trainer import Trainer, seeded_trainer
 from fededge.transport.base import Transport
-from fededge.wire import protocol as proto
+from fededge.wire.envelope import decode
+from fededge.wire.messages import (
+    ConfigMessage,
+    ConsensusMessage,
+    MetricsMessage,
+    PresenceMessage,
+    RoundMessage,
+    UploadMessage,
+    parse,
+)
+from fededge.wire.topics import SERVER_ID, ProtocolError, Topics, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +83,7 @@ class _State:
     absorbed: int = 0
     # round → (upload, when it was sent), kept until the round's consensus is absorbed
     uploads: dict[int, tuple[bytes, float]] = field(default_factory=dict)
-    pending_round: proto.Message | None = None
+    pending_round: RoundMessage | None = None
     pending_since: float = 0.0
 
 
@@ -84,13 +93,14 @@ class FederationClient:
                  checkpoint_meta: dict[str, Any] | None = None, slowdown: float = 0.0) -> None:
         """``slowdown`` > 0 sleeps that multiple of every compute step's duration after it, so a
         simulated slow device really is a straggler."""
-        proto.validate_id(identity.device_id)
+        validate_id(identity.device_id)
         self.transport, self.identity, self.trainer, self.data = transport, identity, trainer, data
-        self.topics = proto.Topics(federation)
+        self.topics = Topics(federation)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_meta = checkpoint_meta or {}
         self.slowdown = slowdown
-        self.ctx = ClientContext(trainer, data.private_X, data.private_y, data.public_X)
+        self.ctx = ClientContext(trainer, data.private_X, data.private_y, data.public_X,
+                                 self._new_learner)
         self.state = _State()
         self.resumed_from: int | None = None
         self.finished = threading.Event()
@@ -103,11 +113,17 @@ class FederationClient:
         self._worker = threading.Thread(target=self._work, name=f"client-{identity.device_id}",
                                         daemon=True)
 
+    def _new_learner(self, student: str, seed: int) -> Trainer:
+        """Another model for a strategy (a FedAvg teacher), for the federation's inputs."""
+        c = self.state.config
+        return seeded_trainer(student, c.input_shape, c.num_classes, seed=seed, lr=c.lr,
+                              batch_size=c.batch_size)
+
     @staticmethod
     def last_will(federation: str, device_id: str) -> tuple[str, bytes]:
         """The retained 'offline' presence the broker publishes if this device vanishes."""
-        topic = proto.Topics(federation).presence(device_id)
-        return topic, proto.encode(proto.presence(device_id, "offline"))
+        return (Topics(federation).presence(device_id),
+                PresenceMessage(device_id, "offline").encode())
 
     def start(self) -> "FederationClient":
         for topic in (self.topics.config, self.topics.round, self.topics.consensus):
@@ -144,25 +160,23 @@ class FederationClient:
         if not payload:
             return  # a cleared retained message
         try:
-            msg = proto.decode(payload, topic=topic, topics=self.topics)
-        except proto.ProtocolError as exc:
+            envelope = decode(payload, topic=topic, topics=self.topics)
+            if envelope.sender != SERVER_ID:
+                raise ProtocolError(f"{envelope.kind} from {envelope.sender!r}, not the server")
+            msg = parse(envelope)
+        except ProtocolError as exc:
             log.warning("%s ignored a bad message on %s: %s", self.identity.device_id, topic, exc)
             return
-        if msg.sender != proto.SERVER_ID:
-            log.warning("%s ignored %s from %r on %s", self.identity.device_id, msg.kind,
-                        msg.sender, topic)
-            return
-        if msg.kind == proto.KIND_CONFIG and topic == self.topics.config:
-            self._on_config(msg)
-        elif self.state.config is None or msg.info.get("run_id") != self.state.config.run_id:
+        if isinstance(msg, ConfigMessage) and topic == self.topics.config:
+            self._on_config(msg.config)
+        elif self.state.config is None or getattr(msg, "run_id", None) != self.state.config.run_id:
             return  # nothing to do before the config, nor with another run's leftovers
-        elif msg.kind == proto.KIND_ROUND and topic == self.topics.round:
+        elif isinstance(msg, RoundMessage) and topic == self.topics.round:
             self._on_round(msg)
-        elif msg.kind == proto.KIND_CONSENSUS and topic == self.topics.consensus:
+        elif isinstance(msg, ConsensusMessage) and topic == self.topics.consensus:
             self._on_consensus(msg)
 
-    def _on_config(self, msg: proto.Message) -> None:
-        config = FederationConfig.from_dict(msg.info)
+    def _on_config(self, config: FederationConfig) -> None:
         if self.state.config is not None and config.run_id == self.state.config.run_id:
             # The server re-published its state (it restarted, or the broker did): say we are
             # here, in case our presence was lost or overwritten by a Last Will.
@@ -199,13 +213,11 @@ class FederationClient:
                  self.state.absorbed)
 
     def _publish_presence(self, status: str) -> None:
-        ident = self.identity
-        info = {"profile": ident.profile, "student": ident.student, "params": ident.params,
-                "samples": int(len(self.data.private_y))}
-        if self.state.config is not None:
-            info["run_id"] = self.state.config.run_id
-        self.transport.publish(self.topics.presence(ident.device_id),
-                               proto.encode(proto.presence(ident.device_id, status, **info)),
+        ident, config = self.identity, self.state.config
+        message = PresenceMessage(ident.device_id, status, config.run_id if config else None,
+                                  ident.profile, ident.student, ident.params,
+                                  int(len(self.data.private_y)))
+        self.transport.publish(self.topics.presence(ident.device_id), message.encode(),
                                retain=True)
 
     def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -218,9 +230,9 @@ class FederationClient:
             self._intervals.append((start, time.time()))
 
     # -- rounds --------------------------------------------------------------------------------
-    def _on_round(self, msg: proto.Message) -> None:
+    def _on_round(self, msg: RoundMessage) -> None:
         state = self.state
-        if msg.info.get("done"):
+        if msg.done:
             if state.absorbed >= msg.round - 1:
                 self._finish()
             return
@@ -230,7 +242,7 @@ class FederationClient:
             # Re-send only if the server said so after we sent: a listing queued while we were
             # still computing is stale.
             _, sent_at = state.uploads[msg.round]
-            if (self.identity.device_id in msg.info.get("waiting_for", ())
+            if (self.identity.device_id in msg.waiting_for
                     and self._received_at > sent_at):
                 self._resend(msg.round)
             return
@@ -241,18 +253,16 @@ class FederationClient:
             return
         self._answer(msg)
 
-    def _answer(self, msg: proto.Message) -> None:
+    def _answer(self, msg: RoundMessage) -> None:
         state, ctx = self.state, self.ctx
         if not state.warmed_up:
             self._timed(state.strategy.warmup, ctx)
             state.warmed_up = True
             self._report(0)
             self._checkpoint(0)
-        reply = self._timed(state.strategy.reply, ctx, Payload(msg.info, msg.tensors))
-        reply.info.update(samples=int(len(self.data.private_y)), run_id=state.config.run_id,
-                          attempt=msg.info.get("attempt", 1))
-        body = proto.encode(proto.Message(proto.KIND_UPLOAD, self.identity.device_id, msg.round,
-                                          reply.info, reply.tensors))
+        reply = self._timed(state.strategy.reply, ctx, msg.body)
+        body = UploadMessage(self.identity.device_id, msg.round, state.config.run_id,
+                             int(len(self.data.private_y)), reply, attempt=msg.attempt).encode()
         state.uploads[msg.round] = (body, time.monotonic())
         self.transport.publish(self.topics.up(self.identity.device_id), body)
         log.info("%s uploaded round %d (%d bytes)", self.identity.device_id, msg.round, len(body))
@@ -275,21 +285,16 @@ class FederationClient:
             if pending.round > self.state.absorbed and pending.round not in self.state.uploads:
                 self._answer(pending)
 
-    def _on_consensus(self, msg: proto.Message) -> None:
+    def _on_consensus(self, msg: ConsensusMessage) -> None:
         state = self.state
         if msg.round <= state.absorbed or not state.warmed_up:
             return  # seen already, or nothing to distill into before the warm-up
-        try:
-            announcement, consensus = unbundle_consensus(msg)
-        except proto.ProtocolError as exc:
-            log.warning("%s ignored consensus %d: %s", self.identity.device_id, msg.round, exc)
-            return
-        self._timed(state.strategy.absorb, self.ctx, announcement, consensus)
+        self._timed(state.strategy.absorb, self.ctx, msg.announcement, msg.body)
         state.absorbed = msg.round
         state.uploads = {r: body for r, body in state.uploads.items() if r > msg.round}
         self._report(msg.round)
         self._checkpoint(msg.round)
-        if msg.info.get("final"):
+        if msg.final:
             self._finish()
         else:
             self._maybe_release_pending()
@@ -303,14 +308,12 @@ class FederationClient:
         accuracy = None
         if self.data.eval_X is not None:
             accuracy = self._timed(self.trainer.accuracy, self.data.eval_X, self.data.eval_y)
-        info = {"run_id": self.state.config.run_id, "accuracy": accuracy,
-                "compute_intervals": [list(i) for i in self._intervals],
-                "bytes": self._byte_counters(), "student": self.identity.student,
-                "profile": self.identity.profile}
+        report = MetricsMessage(self.identity.device_id, rnd, self.state.config.run_id,
+                                self._byte_counters(), accuracy, tuple(self._intervals),
+                                self.identity.student, self.identity.profile)
         self._intervals = []
-        self.history.append({"round": rnd, **info})
-        self.transport.publish(self.topics.up(self.identity.device_id), proto.encode(
-            proto.Message(proto.KIND_METRICS, self.identity.device_id, rnd, info)))
+        self.history.append({"round": rnd, **report.to_info()})
+        self.transport.publish(self.topics.up(self.identity.device_id), report.encode())
 
     def _checkpoint(self, rnd: int) -> None:
         """The exportable student (``student.*``), then the resume state (``state.*``)."""

@@ -35,17 +35,23 @@ from typing import Any, Callable
 from fededge.config import FederationConfig
 from fededge.errors import FedEdgeError
 from fededge.federation.store import Store
-from fededge.federation.strategies.base import Payload, Reply, ServerStrategy
+from fededge.federation.strategies.base import Reply, ServerStrategy
 from fededge.transport.base import Transport
-from fededge.wire import protocol as proto
+from fededge.wire.envelope import DEFAULT_MAX_PAYLOAD, Message, TensorSpec, decode, require_tensors
+from fededge.wire.messages import (
+    AnyMessage,
+    ConfigMessage,
+    ConsensusMessage,
+    MetricsMessage,
+    Payload,
+    PresenceMessage,
+    RoundMessage,
+    UploadMessage,
+    parse,
+)
+from fededge.wire.topics import ProtocolError, Topics
 
 log = logging.getLogger(__name__)
-
-ANNOUNCED = "announced."
-"""Prefix of the round announcement's tensors inside a consensus message. Carrying them makes a
-consensus self-contained, so a client that restarted (and never saw the announcement) can still
-absorb a round's consensus delivered as a retained message."""
-
 
 class FederationError(FedEdgeError, RuntimeError):
     """The federation cannot go on (too few clients); never raised for a bad payload."""
@@ -76,44 +82,9 @@ class _OpenRound:
     round: int
     attempt: int
     announcement: Payload
-    specs: list[proto.TensorSpec]
+    specs: list[TensorSpec]
     replies: dict[str, Reply]
     participants: set[str] = field(default_factory=set)
-
-
-def bundle_consensus(announcement: Payload, consensus: Payload) -> Payload:
-    """The consensus payload as published: the aggregate plus the announcement it answers."""
-    info = {**consensus.info, "announcement": announcement.info}
-    tensors = {**consensus.tensors,
-               **{ANNOUNCED + name: arr for name, arr in announcement.tensors.items()}}
-    return Payload(info, tensors)
-
-
-def unbundle_consensus(msg: proto.Message) -> tuple[Payload, Payload]:
-    """(announcement, consensus) from a published consensus message."""
-    announced = {k[len(ANNOUNCED):]: v for k, v in msg.tensors.items() if k.startswith(ANNOUNCED)}
-    own = {k: v for k, v in msg.tensors.items() if not k.startswith(ANNOUNCED)}
-    announcement = msg.info.get("announcement")
-    if not isinstance(announcement, dict):
-        raise proto.ProtocolError("consensus does not carry its round announcement")
-    return Payload(announcement, announced), Payload(msg.info, own)
-
-
-def _check_metrics(info: dict[str, Any]) -> None:
-    """Reports feed the run summary and plots, so their shape is checked like any payload."""
-    accuracy = info.get("accuracy")
-    if accuracy is not None and not (isinstance(accuracy, (int, float)) and 0 <= accuracy <= 1):
-        raise proto.ProtocolError(f"metrics accuracy {accuracy!r} is not in [0, 1]")
-    counters = info.get("bytes")
-    if not isinstance(counters, dict) or not all(
-            isinstance(counters.get(k), int) and counters[k] >= 0
-            for k in ("sent_bytes", "received_bytes")):
-        raise proto.ProtocolError("metrics bytes lack non-negative sent_bytes/received_bytes")
-    intervals = info.get("compute_intervals", [])
-    if not isinstance(intervals, list) or not all(
-            isinstance(iv, list) and len(iv) == 2 and all(isinstance(t, (int, float)) for t in iv)
-            for iv in intervals):
-        raise proto.ProtocolError("metrics compute_intervals are not [start, end] pairs")
 
 
 class FederationServer:
@@ -121,14 +92,14 @@ class FederationServer:
                  *, expected_clients: int, store: Store | None = None,
                  context: dict[str, Any] | None = None, join_timeout: float = 120.0,
                  events: ServerEvents | None = None,
-                 max_payload: int = proto.DEFAULT_MAX_PAYLOAD) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         """``store`` holds the state to resume from (default: in memory, nothing survives);
         ``context`` lists launch settings besides the config that a resume must match."""
         self.store = store or Store()
         self.config, resumed = self.store.begin(
             config, {"expected_clients": expected_clients, **(context or {})})
         self.transport, self.strategy = transport, strategy
-        self.topics = proto.Topics(self.config.federation)
+        self.topics = Topics(self.config.federation)
         self.expected_clients = expected_clients
         self.join_timeout = join_timeout
         self.events = events or ServerEvents()
@@ -195,51 +166,50 @@ class FederationServer:
     def _handle(self, topic: str, payload: bytes) -> None:
         if not payload and "/presence/" in topic:
             return  # a cleared retained presence
-        msg: proto.Message | None = None
+        envelope: Message | None = None
+        msg: AnyMessage | None = None
         try:
-            msg = proto.decode(payload, topic=topic, topics=self.topics, max_bytes=self.max_payload)
-            if msg.kind == proto.KIND_PRESENCE and "/presence/" in topic:
+            envelope = decode(payload, topic=topic, topics=self.topics, max_bytes=self.max_payload)
+            msg = parse(envelope)
+            if isinstance(msg, PresenceMessage) and "/presence/" in topic:
                 self._on_presence(msg)
                 return
-            if msg.kind == proto.KIND_UPLOAD and "/up/" in topic:
+            if isinstance(msg, UploadMessage) and "/up/" in topic:
                 status = self._on_upload(msg)
-            elif msg.kind == proto.KIND_METRICS and "/up/" in topic:
+            elif isinstance(msg, MetricsMessage) and "/up/" in topic:
                 status = self._on_metrics(msg)
             else:
-                raise proto.ProtocolError(f"kind {msg.kind!r} is not accepted on {topic}")
-        except proto.ProtocolError as exc:
-            self._record(topic, payload, msg, "rejected", str(exc))
+                raise ProtocolError(f"a {type(msg).__name__} is not accepted on {topic}")
+        except ProtocolError as exc:
+            self._record(topic, payload, envelope, msg, "rejected", str(exc))
             log.warning("rejected message on %s: %s", topic, exc)
             return
-        self._record(topic, payload, msg, status)
+        self._record(topic, payload, envelope, msg, status)
 
-    def _record(self, topic: str, payload: bytes, msg: proto.Message | None, status: str,
-                reason: str | None = None) -> None:
-        attempt = msg.info.get("attempt") if msg is not None else None
+    def _record(self, topic: str, payload: bytes, envelope: Message | None,
+                msg: AnyMessage | None, status: str, reason: str | None = None) -> None:
+        upload = isinstance(msg, UploadMessage)
         self.store.record(
-            topic, payload, status, sender=msg.sender if msg else None,
-            kind=msg.kind if msg else None, rnd=msg.round if msg else None,
-            attempt=attempt if isinstance(attempt, int) else None, reason=reason,
-            keep_payload=status == "accepted" and msg is not None and msg.kind == proto.KIND_UPLOAD)
+            topic, payload, status, sender=envelope.sender if envelope else None,
+            kind=envelope.kind if envelope else None, rnd=envelope.round if envelope else None,
+            attempt=msg.attempt if upload else None, reason=reason,
+            keep_payload=status == "accepted" and upload)
 
-    def _on_presence(self, msg: proto.Message) -> None:
-        # A Last Will carries no run_id (it is set before the device knows the run).
-        if msg.info.get("run_id") not in (None, self.config.run_id):
-            raise proto.ProtocolError(f"presence from run {msg.info.get('run_id')!r}, "
-                                      "not this run")
-        status = msg.info.get("status")
-        self.store.set_presence(msg.sender, str(status), msg.info)
-        if status == "online":
-            self.live[msg.sender] = msg.info
-            self._offline_since.pop(msg.sender, None)
-        elif "run_id" in msg.info:  # a goodbye: the device is done
-            self.live.pop(msg.sender, None)
-            self._offline_since.pop(msg.sender, None)
-        elif msg.sender in self.live and msg.sender not in self._offline_since:
+    def _on_presence(self, msg: PresenceMessage) -> None:
+        if msg.run_id not in (None, self.config.run_id):
+            raise ProtocolError(f"presence from run {msg.run_id!r}, not this run")
+        self.store.set_presence(msg.device, msg.status, msg.to_info())
+        if msg.status == "online":
+            self.live[msg.device] = msg.to_info()
+            self._offline_since.pop(msg.device, None)
+        elif not msg.is_last_will:  # a goodbye: the device is done
+            self.live.pop(msg.device, None)
+            self._offline_since.pop(msg.device, None)
+        elif msg.device in self.live and msg.device not in self._offline_since:
             # A Will: the device crashed, or the broker went down and fired every Will. Ask
             # whoever is still (or again) there to speak up; while we are disconnected the
             # re-publish waits in paho.
-            self._offline_since[msg.sender] = time.monotonic()
+            self._offline_since[msg.device] = time.monotonic()
             self._refresh()
 
     def _expire_offline(self) -> None:
@@ -250,64 +220,55 @@ class FederationServer:
                 self.live.pop(device, None)
                 del self._offline_since[device]
 
-    def _on_upload(self, msg: proto.Message) -> str:
+    def _on_upload(self, msg: UploadMessage) -> str:
         current = self._open
-        if msg.info.get("run_id") != self.config.run_id:
-            raise proto.ProtocolError(f"upload from run {msg.info.get('run_id')!r}, not this run")
+        if msg.run_id != self.config.run_id:
+            raise ProtocolError(f"upload from run {msg.run_id!r}, not this run")
         if current is None or msg.round != current.round:
             if 1 <= msg.round <= len(self.history):
                 return "late"  # a straggler or a re-send after the round closed: ignored
-            raise proto.ProtocolError(f"upload for round {msg.round} while round "
-                                      f"{current.round if current else 'none'} is open")
-        if msg.sender in current.replies:
+            raise ProtocolError(f"upload for round {msg.round} while round "
+                                f"{current.round if current else 'none'} is open")
+        if msg.device in current.replies:
             return "duplicate"  # QoS-1 redelivery or a re-send: idempotent on (round, device)
-        current.replies[msg.sender] = self._validated_reply(msg, current.specs)
+        current.replies[msg.device] = self._validated_reply(msg, current.specs)
         return "accepted"
 
-    def _validated_reply(self, msg: proto.Message, specs: list[proto.TensorSpec]) -> Reply:
-        proto.require_tensors(msg, specs)
-        samples = msg.info.get("samples")
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise proto.ProtocolError(f"upload sample count {samples!r} is not a positive int")
-        reply = Reply(msg.sender, samples, Payload(msg.info, msg.tensors))
+    def _validated_reply(self, msg: UploadMessage, specs: list[TensorSpec]) -> Reply:
+        require_tensors(Message("upload", msg.device, msg.round, {}, msg.body.tensors), specs)
+        reply = Reply(msg.device, msg.samples, msg.body)
         self.strategy.check(reply)
         return reply
 
-    def _on_metrics(self, msg: proto.Message) -> str:
-        if msg.info.get("run_id") != self.config.run_id:
-            raise proto.ProtocolError(f"metrics from run {msg.info.get('run_id')!r}, not this run")
+    def _on_metrics(self, msg: MetricsMessage) -> str:
+        if msg.run_id != self.config.run_id:
+            raise ProtocolError(f"metrics from run {msg.run_id!r}, not this run")
         if msg.round > self.config.rounds:
-            raise proto.ProtocolError(f"metrics for round {msg.round} of a "
-                                      f"{self.config.rounds}-round federation")
-        _check_metrics(msg.info)
-        if not self.store.add_metrics(msg.round, msg.sender, msg.info):
+            raise ProtocolError(f"metrics for round {msg.round} of a "
+                                f"{self.config.rounds}-round federation")
+        info = msg.to_info()
+        if not self.store.add_metrics(msg.round, msg.device, info):
             return "duplicate"
         per_round = self.metrics.setdefault(msg.round, {})
-        per_round[msg.sender] = msg.info
+        per_round[msg.device] = info
         if 1 <= msg.round <= len(self.history):
             contributors = set(self.history[msg.round - 1].accepted)
-            if msg.sender in contributors and contributors <= set(per_round):
+            if msg.device in contributors and contributors <= set(per_round):
                 self.events.on_round_reported(msg.round)
         return "accepted"
 
     # -- publishing ----------------------------------------------------------------------------
-    def _encode(self, kind: str, rnd: int, payload: Payload) -> bytes:
-        info = {**payload.info, "run_id": self.config.run_id}
-        return proto.encode(proto.Message(kind, proto.SERVER_ID, rnd, info, payload.tensors))
-
     def _announce(self, current: _OpenRound) -> None:
         waiting = sorted((current.participants | set(self.live)) - set(current.replies))
-        info = {**current.announcement.info, "attempt": current.attempt,
-                "deadline_s": self.config.deadline_s, "waiting_for": waiting}
-        announcement = Payload(info, current.announcement.tensors)
-        self.transport.publish(self.topics.round,
-                               self._encode(proto.KIND_ROUND, current.round, announcement),
-                               retain=True)
+        message = RoundMessage(current.round, self.config.run_id, current.announcement,
+                               attempt=current.attempt, deadline_s=self.config.deadline_s,
+                               waiting_for=tuple(waiting))
+        self.transport.publish(self.topics.round, message.encode(), retain=True)
 
     def _refresh(self) -> None:
         """Re-publish the retained state: config, last consensus, and the open round."""
-        self.transport.publish(self.topics.config, self._encode(
-            proto.KIND_CONFIG, 0, Payload(info=self.config.to_dict())), retain=True)
+        self.transport.publish(self.topics.config, ConfigMessage(self.config).encode(),
+                               retain=True)
         if self._last_consensus is not None:
             self.transport.publish(self.topics.consensus, self._last_consensus, retain=True)
         if self._open is not None:
@@ -333,8 +294,9 @@ class FederationServer:
         specs = self.strategy.reply_specs(announcement)
         replies: dict[str, Reply] = {}
         for topic, payload in self.store.accepted_uploads(rnd):
-            msg = proto.decode(payload, topic=topic, topics=self.topics, max_bytes=len(payload))
-            replies.setdefault(msg.sender, self._validated_reply(msg, specs))
+            msg = UploadMessage.parse(decode(payload, topic=topic, topics=self.topics,
+                                             max_bytes=len(payload)))
+            replies.setdefault(msg.device, self._validated_reply(msg, specs))
         last = self.store.last_attempt(rnd)  # (attempt, status) of a run before a restart
         if last is None:
             attempt = 1
@@ -371,9 +333,8 @@ class FederationServer:
         self._open = None
         replies = [current.replies[d] for d in sorted(current.replies)]
         consensus = self.strategy.aggregate(rnd, current.announcement, replies)
-        consensus.info["final"] = rnd == self.config.rounds
-        body = self._encode(proto.KIND_CONSENSUS, rnd,
-                            bundle_consensus(current.announcement, consensus))
+        body = ConsensusMessage(rnd, self.config.run_id, current.announcement, consensus,
+                                final=rnd == self.config.rounds).encode()
         self.store.save_round(rnd, current.attempt, sorted(current.replies), body)
         self._last_consensus = body
         self.transport.publish(self.topics.consensus, body, retain=True)
@@ -399,7 +360,8 @@ class FederationServer:
         contributors = set(self.history[-1].accepted)
         self._pump(lambda: contributors & set(self.live) <= set(self.metrics.get(final, {})),
                    time.monotonic() + self.config.deadline_s)
-        self.transport.publish(self.topics.round, self._encode(
-            proto.KIND_ROUND, final + 1, Payload(info={"done": True})), retain=True)
+        self.transport.publish(self.topics.round,
+                               RoundMessage(final + 1, self.config.run_id, done=True).encode(),
+                               retain=True)
         self.store.finish()
         return self.history

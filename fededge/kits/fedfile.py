@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
 from fededge.config import FederationConfig
 from fededge.kits.kit import ROLES
 from fededge.learn.data import PARTITIONERS
-from fededge.wire.protocol import SERVER_ID, ProtocolError, validate_id
+from fededge.wire.envelope import SERVER_ID, ProtocolError, validate_id
 
 # Settings provision derives (from the dataset, the federation name or each run), so a
 # federation file may not set them in [training].

@@ -16,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from fededge.config import FederationConfig
-from fededge.wire.protocol import DEFAULT_MAX_PAYLOAD
+from fededge.wire.envelope import DEFAULT_MAX_PAYLOAD
 from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, MAX_CHUNKS, SERVER_ID, Topics, role_user
 
 # Mosquitto 2's ``$7$`` password hash: PBKDF2-HMAC-SHA512 with these parameters is what

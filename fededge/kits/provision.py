@@ -56,14 +56,9 @@ from fededge.kits.kit import (
 from fededge.kits.manifest import write_manifest
 from fededge.learn.aggregate import UnknownAggregatorError
 from fededge.learn.data import DataError, FederatedSplit, load_dataset, split_federated
-from fededge.learn.models import zoo_for
-from fededge.profiles import (
-    DeviceProfile,
-    ProfileError,
-    get_profile,
-    inference_exceeds,
-    pick_student,
-)
+from fededge.learn.picking import inference_exceeds, pick_student
+from fededge.learn.zoo import zoo_for
+from fededge.profiles import DeviceProfile, ProfileError, get_profile
 from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, role_user
 
 CA_DIR, BROKER_DIR = "ca", "broker"

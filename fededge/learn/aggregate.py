@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -214,3 +215,12 @@ def _log_mean_prob(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
     top = log_p.max(axis=0)
     mixed = top + np.log((weights[:, None, :] * np.exp(log_p - top)).sum(axis=0))
     return _log_softmax(mixed)
+
+
+def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """FedAvg's average: sum_k w_k v_k / sum_k w_k, accumulated in float64."""
+    w = np.asarray(weights, dtype=np.float64)
+    if len(vectors) == 0 or len(w) != len(vectors) or not (w > 0).all():
+        raise AggregationError("weighted_mean needs one positive weight per vector, and a vector")
+    stack = np.stack([np.asarray(v, dtype=np.float64) for v in vectors])
+    return (np.tensordot(w / w.sum(), stack, axes=1)).astype(np.float32)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from fededge.learn.kd import kd_loss
+from fededge.learn.weights import flat_weights, initial_model, load_flat_weights
 
 INFERENCE_CHUNK = 1024  # samples per forward pass in logits(): bounds peak memory
 
@@ -105,6 +107,18 @@ class Trainer:
         y_np = _labels(y, len(X), "y").numpy()
         return float((self.logits(X).argmax(axis=1) == y_np).mean())
 
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def weights(self) -> np.ndarray:
+        """The parameters as one float32 vector (``weights.flat_weights``)."""
+        return flat_weights(self.model)
+
+    def load_weights(self, flat: np.ndarray) -> None:
+        """Load a ``weights()`` vector in place; the optimizer state stays bound."""
+        load_flat_weights(self.model, flat)
+
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (deep copy) of model, optimizer and shuffling-RNG state."""
         return copy.deepcopy({
@@ -184,3 +198,11 @@ def _labels(y: np.ndarray | torch.Tensor, n: int, name: str) -> torch.Tensor:
             f"{name} has shape {tuple(t.shape)}; expected ({n},), one label per sample"
         )
     return t
+
+
+def seeded_trainer(student: str, input_shape: Sequence[int], num_classes: int, *, seed: int,
+                   lr: float = 2e-3, batch_size: int = 32) -> Trainer:
+    """A trainer of zoo student ``student`` whose weights and shuffling depend on ``seed``
+    alone (``weights.initial_model``): the ``new_learner`` strategies get from the wiring."""
+    model = initial_model(student, input_shape, num_classes, seed)
+    return Trainer(model, lr=lr, batch_size=batch_size, seed=seed)

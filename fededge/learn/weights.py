@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fededge.config import ConfigError
-from fededge.learn.models import build_student, estimate_cost
+from fededge.learn.models import build_student
 
 # torch's global RNG is process-wide; simulated devices warm up concurrently, so seeding it and
 # building a model must not interleave between threads.
@@ -50,29 +49,3 @@ def initial_model(name: str, input_shape: Sequence[int], classes: int, seed: int
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_student(name, input_shape, classes)
-
-
-def parameter_count(name: str, input_shape: Sequence[int], classes: int) -> int:
-    """Parameters of student ``name``. ``estimate_cost`` builds the model on its first call,
-    drawing from the global RNG, so it takes the same lock as ``initial_model``."""
-    with _INIT_LOCK:
-        return estimate_cost(name, input_shape, classes).params
-
-
-def require_same_architecture(model: nn.Module, reference: nn.Module, what: str) -> None:
-    """Raise a ``ConfigError`` naming ``what`` unless both models have the same parameter
-    shapes (so a flat vector of one loads into the other)."""
-    if [p.shape for p in model.parameters()] != [p.shape for p in reference.parameters()]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        raise ConfigError(f"this device trains a model of {count(model):,} parameters, not the "
-                          f"{what} ({count(reference):,}); weight averaging needs every device "
-                          "on the same architecture")
-
-
-def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """FedAvg's average: sum_k w_k v_k / sum_k w_k, accumulated in float64."""
-    w = np.asarray(weights, dtype=np.float64)
-    if len(vectors) == 0 or len(w) != len(vectors) or not (w > 0).all():
-        raise ValueError("weighted_mean needs one positive weight per vector, and a vector")
-    stack = np.stack([np.asarray(v, dtype=np.float64) for v in vectors])
-    return (np.tensordot(w / w.sum(), stack, axes=1)).astype(np.float32)

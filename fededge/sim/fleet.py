@@ -27,7 +27,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fededge.federation import wiring
+from fededge.federation.client import FederationClient
 from fededge.federation.store import Store
+from fededge.files import atomic_write
+from fededge.sim.recipe import (
+    SimulationOptions,
+    device_client,
+    federation_config,
+    plan_participants,
+    resume_context,
+    split_for,
+)
 from fededge.transport.base import TransportError
 from fededge.transport.brokers import MosquittoBroker, dev_mosquitto_conf, free_port
 from fededge.transport.mqtt import MqttTransport
@@ -45,7 +56,8 @@ def _parse_value(text: str) -> Any:
 
 
 def recipe_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fededge.sim.fleet", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fededge.sim.fleet",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("role", choices=("server", "client"))
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
@@ -67,9 +79,7 @@ def recipe_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _options(args: argparse.Namespace):
-    from fededge.sim.simulate import SimulationOptions
-
+def _options(args: argparse.Namespace) -> SimulationOptions:
     overrides = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -96,21 +106,14 @@ def connect_with_retry(make: Callable[[], MqttTransport], timeout: float = 120.0
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from fededge.federation.server import FederationServer
-    from fededge.federation.strategies import strategy_pair
-    from fededge.learn.data import load_dataset, split_federated
-    from fededge.sim.simulate import federation_config, resume_context
-
     opts = _options(args)
-    split = split_federated(load_dataset(opts.data), opts.clients, partition=opts.partition,
-                            alpha=opts.alpha, seed=opts.seed)
+    _, split = split_for(opts)
     config = federation_config(opts, split)
-    server_cls, _ = strategy_pair(config.strategy)
     transport = connect_with_retry(lambda: MqttTransport("server", args.host, args.port))
     store = Store(args.state)
-    server = FederationServer(transport, config, server_cls(config, split.public_X),
-                              expected_clients=opts.clients, store=store,
-                              context=resume_context(opts), join_timeout=args.join_timeout)
+    server = wiring.build_server(transport, config, expected_clients=opts.clients, store=store,
+                                 context=resume_context(opts), public_X=split.public_X,
+                                 join_timeout=args.join_timeout)
     if server.resumed_from_round is not None:
         log.info("server resumed run %s at round %d", server.config.run_id,
                  server.resumed_from_round)
@@ -123,29 +126,23 @@ def run_server(args: argparse.Namespace) -> int:
                "mean_accuracy": sum(known) / len(known) if known else None,
                "uploads_accepted": server.accepted_uploads,
                "rejected": dict(server.rejections)}
-    (args.state / SUMMARY).write_text(json.dumps(summary, indent=2))
+    atomic_write(args.state / SUMMARY, json.dumps(summary, indent=2))
     transport.close()
     store.close()
     return 0
 
 
 def run_client(args: argparse.Namespace) -> int:
-    from fededge.federation.client import FederationClient
-    from fededge.learn.data import load_dataset, split_federated
-    from fededge.sim.simulate import build_client, federation_config, plan_participants
-
     opts = _options(args)
-    dataset = load_dataset(opts.data)
-    split = split_federated(dataset, opts.clients, partition=opts.partition, alpha=opts.alpha,
-                            seed=opts.seed)
+    dataset, split = split_for(opts)
     config = federation_config(opts, split)
     people = plan_participants(opts, split)
     device = people[args.index].device_id
     will = FederationClient.last_will(config.federation, device)
     transport = connect_with_retry(
         lambda: MqttTransport(device, args.host, args.port, will=will))
-    client = build_client(people, args.index, split, dataset.name, config, transport, args.dir,
-                          opts.straggle).start()
+    client = device_client(people, args.index, split, dataset.name, config, transport, args.dir,
+                           opts.straggle).start()
     client.wait()
     transport.close()
     return 1 if client.error is not None else 0

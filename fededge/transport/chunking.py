@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from fededge.errors import FedEdgeError
 from fededge.transport.base import Handler, Transport
-from fededge.wire.protocol import DEFAULT_MAX_PAYLOAD
+from fededge.wire.envelope import DEFAULT_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 

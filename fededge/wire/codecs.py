@@ -26,7 +26,7 @@ from typing import Mapping
 import numpy as np
 
 from fededge.config import ConfigError, FederationConfig
-from fededge.wire.protocol import ProtocolError, TensorSpec
+from fededge.wire.envelope import ProtocolError, TensorSpec
 
 Tensors = Mapping[str, np.ndarray]
 

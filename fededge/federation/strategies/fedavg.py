@@ -14,22 +14,17 @@ from fededge.federation.strategies.base import (
     PHASE_WEIGHTS,
     ClientContext,
     ClientStrategy,
-    Payload,
+    Learner,
     Reply,
     ServerStrategy,
+    load_same_architecture,
+    parameter_count,
     teacher_name,
 )
-from fededge.learn.aggregate import AggregationError
-from fededge.learn.trainer import Trainer
-from fededge.learn.weights import (
-    flat_weights,
-    initial_model,
-    load_flat_weights,
-    parameter_count,
-    require_same_architecture,
-    weighted_mean,
-)
-from fededge.wire.protocol import ProtocolError, TensorSpec
+from fededge.learn.aggregate import AggregationError, weighted_mean
+from fededge.wire.envelope import TensorSpec
+from fededge.wire.messages import Payload
+from fededge.wire.topics import ProtocolError
 
 
 def _weights_payload(phase: str, weights: np.ndarray, **info: Any) -> Payload:
@@ -41,16 +36,16 @@ class FedAvgServer(ServerStrategy):
     ``config.student``. Each round the devices train ``local_epochs`` on their private data from
     the last average and upload their weights (one float32 vector); the consensus is the mean
     weighted by sample counts. Round 1 starts from weights each device derives from the config
-    seed (``weights.initial_model``), so no weights travel before the first average."""
+    seed (``ClientContext.new_learner``), so no weights travel before the first average."""
 
     name = "fedavg"
     homogeneous = True
     phase = PHASE_WEIGHTS
 
-    def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
-        super().__init__(config, public_X)
+    def __init__(self, config: FederationConfig, **resources) -> None:
+        super().__init__(config, **resources)
         self.architecture = self._architecture()
-        self.size = parameter_count(self.architecture, config.input_shape, config.num_classes)
+        self.size = parameter_count(config, self.architecture)
 
     def _architecture(self) -> str:
         if not self.config.student:
@@ -77,16 +72,15 @@ class FedAvgClient(ClientStrategy):
         """Start from the shared seeded weights instead of training: FedAvg's round 1 must
         average models that began in the same place."""
         c = self.config
-        start = initial_model(c.student, c.input_shape, c.num_classes, c.seed)
-        require_same_architecture(ctx.trainer.model, start, f"federation's student {c.student!r}")
-        load_flat_weights(ctx.trainer.model, flat_weights(start))
+        load_same_architecture(ctx.trainer, ctx.new_learner(c.student, c.seed),
+                               f"federation's student {c.student!r}")
 
     def reply(self, ctx: ClientContext, announcement: Payload) -> Payload:
         ctx.trainer.fit(ctx.private_X, ctx.private_y, epochs=self.config.local_epochs)
-        return _weights_payload(PHASE_WEIGHTS, flat_weights(ctx.trainer.model))
+        return _weights_payload(PHASE_WEIGHTS, ctx.trainer.weights())
 
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
-        load_flat_weights(ctx.trainer.model, consensus.tensors["weights"])
+        ctx.trainer.load_weights(consensus.tensors["weights"])
 
 
 class FedAvgKDServer(FedAvgServer):
@@ -134,43 +128,40 @@ class FedAvgKDClient(ClientStrategy):
     def __init__(self, config: FederationConfig) -> None:
         super().__init__(config)
         self.teacher_name = teacher_name(config)
-        self.teacher: Trainer | None = None  # in sync with the latest average when set
+        self.teacher: Learner | None = None  # in sync with the latest average when set
 
     def _can_train_teacher(self, ctx: ClientContext) -> bool:
-        own = sum(p.numel() for p in ctx.trainer.model.parameters())
-        c = self.config
-        return own >= parameter_count(self.teacher_name, c.input_shape, c.num_classes)
+        return ctx.trainer.params >= parameter_count(self.config, self.teacher_name)
 
-    def _teacher_trainer(self, weights: np.ndarray | None = None) -> Trainer:
-        c = self.config
-        model = initial_model(self.teacher_name, c.input_shape, c.num_classes, c.seed)
+    def _teacher_trainer(self, ctx: ClientContext, weights: np.ndarray | None = None) -> Learner:
+        teacher = ctx.new_learner(self.teacher_name, self.config.seed)
         if weights is not None:
-            load_flat_weights(model, weights)
-        return Trainer(model, lr=c.lr, batch_size=c.batch_size, seed=c.seed)
+            teacher.load_weights(weights)
+        return teacher
 
     def warmup(self, ctx: ClientContext) -> None:
         super().warmup(ctx)  # the student learns its own labels while the teacher trains
         if self._can_train_teacher(ctx):
-            self.teacher = self._teacher_trainer()
+            self.teacher = self._teacher_trainer(ctx)
 
     def reply(self, ctx: ClientContext, announcement: Payload) -> Payload:
         if self.teacher is None:
             return _weights_payload(PHASE_TEACHER, np.zeros(0, np.float32), abstain=True)
         self.teacher.fit(ctx.private_X, ctx.private_y, epochs=self.config.local_epochs)
-        return _weights_payload(PHASE_TEACHER, flat_weights(self.teacher.model))
+        return _weights_payload(PHASE_TEACHER, self.teacher.weights())
 
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
         weights = consensus.tensors["weights"]
         if consensus.info.get("phase") == PHASE_DISTILL:
             self._distill(ctx, weights)
         elif self.teacher is not None:
-            load_flat_weights(self.teacher.model, weights)
+            self.teacher.load_weights(weights)
         elif self._can_train_teacher(ctx):
-            self.teacher = self._teacher_trainer(weights)
+            self.teacher = self._teacher_trainer(ctx, weights)
 
     def _distill(self, ctx: ClientContext, weights: np.ndarray) -> None:
         c = self.config
-        soft = self._teacher_trainer(weights).logits(ctx.private_X)
+        soft = self._teacher_trainer(ctx, weights).logits(ctx.private_X)
         self.teacher = None
         ctx.trainer.distill(ctx.private_X, soft, epochs=c.kd_epochs, temperature=c.temperature,
                             alpha=c.kd_alpha, y=ctx.private_y)

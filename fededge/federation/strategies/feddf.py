@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from fededge.config import ConfigError, FederationConfig
-from fededge.federation.strategies.base import PHASE_LOGITS, Payload, Reply, teacher_name
+from fededge.federation.strategies.base import PHASE_LOGITS, Learner, Reply, teacher_name
 from fededge.federation.strategies.fedmd import FedMDServer, announced_rows
-from fededge.learn.trainer import Trainer
-from fededge.learn.weights import initial_model
+from fededge.wire.messages import Payload
 
 
 class FedDFServer(FedMDServer):
@@ -25,23 +22,22 @@ class FedDFServer(FedMDServer):
     name = "feddf"
     needs_proxy = True
 
-    def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
-        super().__init__(config, public_X)
-        if public_X is not None and len(public_X) != config.proxy_size:
-            raise ConfigError(f"feddf got a proxy set of {len(public_X)} rows, the config says "
-                              f"{config.proxy_size}; derive both from the same split")
-        self._server: Trainer | None = None
+    def __init__(self, config: FederationConfig, **resources) -> None:
+        super().__init__(config, **resources)
+        if self.public_X is not None and len(self.public_X) != config.proxy_size:
+            raise ConfigError(f"feddf got a proxy set of {len(self.public_X)} rows, the config "
+                              f"says {config.proxy_size}; derive both from the same split")
+        self._server: Learner | None = None
 
     def aggregate(self, rnd: int, announcement: Payload, replies: list[Reply]) -> Payload:
-        if self.public_X is None:
-            raise ConfigError("strategy feddf needs the proxy set at the server (it trains a "
-                              "server model on it); run it with `fededge simulate` or a server "
-                              "kit whose dataset the server can load")
+        if self.public_X is None or self.new_learner is None:
+            raise ConfigError("strategy feddf needs the proxy set and torch at the server (it "
+                              "trains a server model); run it with `fededge simulate` or a "
+                              "server kit whose dataset the server can load")
         rows = self.public_X[announced_rows(announcement, self.config.proxy_size)]
         c = self.config
         if self._server is None:
-            model = initial_model(teacher_name(c), c.input_shape, c.num_classes, c.seed)
-            self._server = Trainer(model, lr=c.lr, batch_size=c.batch_size, seed=c.seed)
+            self._server = self.new_learner(teacher_name(c), c.seed)
         self._server.distill(rows, self.consensus(replies), epochs=c.server_epochs,
                              temperature=c.temperature, alpha=1.0)
         return Payload(info={"phase": PHASE_LOGITS, "contributors": len(replies),

@@ -9,14 +9,15 @@ from fededge.federation.strategies.base import (
     PHASE_LOGITS,
     ClientContext,
     ClientStrategy,
-    Payload,
     Reply,
     ServerStrategy,
 )
 from fededge.learn.aggregate import SHARPENED_AGGREGATORS, get_aggregator
 from fededge.learn.privacy import LocalPrivacy
 from fededge.wire.codecs import codec_for
-from fededge.wire.protocol import ProtocolError, TensorSpec
+from fededge.wire.envelope import TensorSpec
+from fededge.wire.messages import Payload, decode_rows, encode_rows
+from fededge.wire.topics import ProtocolError
 
 
 def _round_rng(config: FederationConfig, rnd: int) -> np.random.Generator:
@@ -24,25 +25,8 @@ def _round_rng(config: FederationConfig, rnd: int) -> np.random.Generator:
 
 
 def announced_rows(announcement: Payload, proxy_size: int) -> np.ndarray:
-    """The proxy-set rows a ``logits`` announcement selects, in order.
-
-    They travel as a packed bitmask (``rows``, one bit per proxy sample: 68 bytes for digits'
-    539 rows, where int64 indices took 4.3 KB, sent twice per round since the consensus
-    carries its announcement)."""
-    packed = announcement.tensors.get("rows")
-    if packed is None or packed.dtype != np.uint8 or packed.shape != ((proxy_size + 7) // 8,):
-        raise ProtocolError(f"announcement lacks a uint8 'rows' mask of {(proxy_size + 7) // 8} "
-                            f"bytes for a proxy set of {proxy_size}")
-    bits = np.unpackbits(packed)
-    if bits[proxy_size:].any() or not bits.any():
-        raise ProtocolError("announcement 'rows' mask selects no row, or rows past the proxy set")
-    return np.flatnonzero(bits[:proxy_size])
-
-
-def _rows_mask(rows: np.ndarray, proxy_size: int) -> np.ndarray:
-    mask = np.zeros(proxy_size, dtype=bool)
-    mask[rows] = True
-    return np.packbits(mask)
+    """The proxy-set rows a ``logits`` announcement selects, in order."""
+    return decode_rows(announcement.tensors, proxy_size)
 
 
 class FedMDServer(ServerStrategy):
@@ -50,8 +34,8 @@ class FedMDServer(ServerStrategy):
 
     name = "fedmd"
 
-    def __init__(self, config: FederationConfig, public_X: np.ndarray | None = None) -> None:
-        super().__init__(config, public_X)
+    def __init__(self, config: FederationConfig, **resources) -> None:
+        super().__init__(config, **resources)
         sharpened = config.aggregator in SHARPENED_AGGREGATORS
         options = {"temperature": config.era_temperature} if sharpened else {}
         self._aggregate = get_aggregator(config.aggregator, **options)
@@ -64,7 +48,7 @@ class FedMDServer(ServerStrategy):
         else:
             rows = _round_rng(self.config, rnd).choice(size, per_round, replace=False)
         return Payload(info={"phase": PHASE_LOGITS, "temperature": self.config.temperature},
-                       tensors={"rows": _rows_mask(rows, size)})
+                       tensors={"rows": encode_rows(rows, size)})
 
     def reply_specs(self, announcement: Payload) -> list[TensorSpec]:
         specs = self.codec.specs(len(announced_rows(announcement, self.config.proxy_size)))

@@ -166,8 +166,3 @@ def require_tensors(msg: Message, specs: Iterable[TensorSpec]) -> None:
                 want is not None and want != have for want, have in zip(spec.shape, arr.shape)):
             raise ProtocolError(f"tensor {spec.name!r} has shape {tuple(arr.shape)}, "
                                 f"expected {tuple('*' if s is None else s for s in spec.shape)}")
-
-
-def presence(sender: str, status: str, **info: Any) -> Message:
-    """A presence message; the ``offline`` form is the Last Will set at connect time."""
-    return Message(kind=KIND_PRESENCE, sender=sender, info={"status": status, **info})

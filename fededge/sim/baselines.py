@@ -1,0 +1,68 @@
+"""The references a simulated federation is judged against: local-only and centralized."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from fededge.config import FederationConfig
+from fededge.federation import wiring
+from fededge.learn.data import FederatedSplit
+from fededge.learn.trainer import Trainer
+from fededge.sim.recipe import Participant
+
+
+class BackgroundBaselines:
+    """Local-only (each student on its private data, with the federation's private-epoch
+    budget) and centralized (each architecture on all private data pooled) accuracies.
+
+    They train in a thread while the federation runs: the federation leaves part of the second
+    core idle (clients wait on each other and on the broker), and torch releases the GIL inside
+    its kernels, so this hides most of their cost. Models are built here, in the caller's
+    thread, because weight init draws from torch's global RNG, which the clients also use.
+    """
+
+    def __init__(self, people: list[Participant], split: FederatedSplit,
+                 config: FederationConfig, seed: int) -> None:
+        self._split = split
+        self._local_epochs = config.warmup_epochs + config.rounds * config.revisit_epochs
+        self._central_epochs = max(20, config.warmup_epochs)
+        self._local = [wiring.student_trainer(p.student, split.input_shape,
+                                              split.num_classes, config, seed + i)
+                       for i, p in enumerate(people)]
+        self._central: dict[str, Trainer] = {}
+        for i, p in enumerate(people):
+            if p.student not in self._central:
+                self._central[p.student] = wiring.student_trainer(
+                    p.student, split.input_shape, split.num_classes, config, seed + i)
+        self._students = [p.student for p in people]
+        self._value: tuple[list[float], list[float]] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="baselines", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        split = self._split
+        try:
+            local = []
+            for trainer, data in zip(self._local, split.clients):
+                trainer.fit(data.X, data.y, epochs=self._local_epochs)
+                local.append(trainer.accuracy(split.test_X, split.test_y))
+            pooled_X = np.concatenate([c.X for c in split.clients])
+            pooled_y = np.concatenate([c.y for c in split.clients])
+            central = {}
+            for student, trainer in self._central.items():
+                trainer.fit(pooled_X, pooled_y, epochs=self._central_epochs)
+                central[student] = trainer.accuracy(split.test_X, split.test_y)
+            self._value = local, [central[s] for s in self._students]
+        except BaseException as exc:  # re-raised in the caller's thread
+            self._error = exc
+
+    def result(self) -> tuple[list[float], list[float]]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
