@@ -47,7 +47,9 @@ demo: $(STAMP)
 	$(FEDEDGE) export $(DEMO_OUT) --all --quantize int8
 	$(FEDEDGE) infer "$$(ls -d $(DEMO_OUT)/export/*/ | head -n 1)" $(DEMO_OUT)/test.npz
 
+# lint-imports checks the layer contracts of pyproject.toml ([tool.importlinter]).
 test: $(STAMP) mosquitto systemd-analyze
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # The strategy suite behind BENCHMARKS.md: fedmd vs FedAvg vs fedavg-kd on digits and wine,

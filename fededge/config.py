@@ -14,6 +14,10 @@ from typing import Any
 
 from fededge.errors import FedEdgeError
 
+MAX_PAYLOAD = 16 * 1024 * 1024
+"""The largest message any party sends or accepts, in bytes: the envelope's size check, the
+chunk reassembler's bound and the Mosquitto ``max_packet_size`` all derive from it."""
+
 
 class ConfigError(FedEdgeError, ValueError):
     """A federation setting out of range; the message names the setting and the valid range."""

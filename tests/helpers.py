@@ -63,9 +63,26 @@ def mean(values) -> float:
     return float(np.mean(list(values)))
 
 
-# Blocks imports (a None entry in sys.modules makes the import raise ImportError); with fededge
-# too, it proves an exported bundle runs from its own files alone.
-BLOCKER = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
+# Makes modules unimportable as if they were not installed: a finder first on sys.meta_path
+# refuses them (a None entry in sys.modules would also block them, but libraries that look
+# into sys.modules, such as scikit-learn's array-API checks, then crash on the None). With
+# fededge too, it proves an exported bundle runs from its own files alone.
+BLOCKER = """import sys
+
+
+class _NotInstalled:
+    blocked = {names!r}
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.blocked:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)",
+                                      name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+BLOCKED_MARK = "(blocked by the test)"
 EDGE_BLOCKED = ["torch", "sklearn", "safetensors", "amqtt", "scipy", "matplotlib", "onnx"]
 """What the ``edge`` extra does not install: the agent and ``infer`` must never import it."""
 

@@ -42,9 +42,9 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """``python -m fededge.cli.app ARGS`` from the repository, output to ``log``."""
+        """``python -m fededge.cli ARGS`` from the repository, output to ``log``."""
         env = {**(env or os.environ), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-        proc = subprocess.Popen([sys.executable, "-m", "fededge.cli.app", *args], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "fededge.cli", *args], cwd=REPO, env=env,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs.append(proc)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import EDGE_BLOCKED, blocked_env, run_blocked, stdout_of
+from helpers import BLOCKED_MARK, EDGE_BLOCKED, blocked_env, run_blocked, stdout_of
 from kit_helpers import (
     AGENT,
     REPO,
@@ -35,9 +35,9 @@ from kit_helpers import (
 from typer.testing import CliRunner
 
 from fededge.cli.app import app
-from fededge.delivery import bundle as delivery
 from fededge.delivery.deploy import Deployment, deploy, load_signer
 from fededge.delivery.export import EvalData, StudentMeta, export_student
+from fededge.edge import bundle as delivery
 from fededge.edge import runtime
 from fededge.edge.agent import Agent
 from fededge.edge.installs import Installs, Pointer
@@ -189,13 +189,13 @@ def test_deploy_to_a_torch_free_agent_update_and_roll_back(fed, tmp_path):
             device, second.version, i) for i in range(second.chunks))}
 
         out = stdout_of(run_blocked(tmp_path, EDGE_BLOCKED, [
-            "-m", "fededge.cli.app", "agent", "--kit", str(kit), "--rollback"], cwd=REPO))
+            "-m", "fededge.cli", "agent", "--kit", str(kit), "--rollback"], cwd=REPO))
         assert f"serving {first.version} instead of {second.version}" in out
         _poll(health, first.version, seconds=5)  # the running agent switched
 
         logits = tmp_path / "logits.npy"
         out = stdout_of(run_blocked(tmp_path, EDGE_BLOCKED, [
-            "-m", "fededge.cli.app", "infer", str(kit), str(fed.data), "--save-logits",
+            "-m", "fededge.cli", "infer", str(kit), str(fed.data), "--save-logits",
             str(logits)], cwd=REPO))
         assert f"model.onnx ({first.version})" in out and "accuracy:" in out
         assert np.array_equal(np.load(logits), reference.logits(fed.X))
@@ -212,11 +212,20 @@ def test_deploy_to_a_torch_free_agent_update_and_roll_back(fed, tmp_path):
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(timeout=15)
     assert code == 0, log.read_text()
-    assert "import of torch halted" not in log.read_text()
+    assert BLOCKED_MARK not in log.read_text()
     offline = json.loads(_retained(fed, "server", "server@deploy",
                                    TOPICS.agent_status(device))[TOPICS.agent_status(device)])
     assert offline["status"] == "offline" and offline["installed"] == first.version
     assert verify_manifest(kit)[1] == []  # the agent's state/ is not kit content
+
+
+@pytest.mark.mosquitto
+def test_deploy_command_runs_without_torch(fed, tmp_path):
+    proc = run_blocked(tmp_path, ["torch"], [
+        "-m", "fededge.cli", "deploy", str(fed.v1), "--kit", str(fed.kits / "server"),
+        "--device", "gateway-1", "--chunk-bytes", str(CHUNK)], cwd=REPO)
+    out = stdout_of(proc)
+    assert "gateway-1" in out and "Deployed" in out
 
 
 @pytest.mark.mosquitto
@@ -448,7 +457,7 @@ def test_device_commands_report_bad_input_in_one_line_without_torch(tmp_path):
     ImportError traceback while the CLI looks up which exceptions are user errors."""
     not_a_kit = tmp_path / "not-a-kit"
     not_a_kit.mkdir()
-    proc = run_blocked(tmp_path, EDGE_BLOCKED, ["-m", "fededge.cli.app", "verify-kit",
+    proc = run_blocked(tmp_path, EDGE_BLOCKED, ["-m", "fededge.cli", "verify-kit",
                                                 str(not_a_kit)], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stdout and "no manifest.json" in proc.stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import requires_mosquitto
+from helpers import blocked_env, requires_mosquitto
 from kit_helpers import (
     AGENT,
     DEVICES,
@@ -545,11 +545,12 @@ def test_a_device_cannot_write_or_read_another_devices_uploads(secured):
 @pytest.mark.mosquitto
 @pytest.mark.slow
 def test_full_federation_from_kits_over_tls(secured):
-    """Server and three devices as separate `fededge` processes, TLS + passwords + ACL."""
+    """Server and three devices as separate `fededge` processes, TLS + passwords + ACL; the
+    fedmd server runs where torch cannot be imported."""
     kits, port, procs, tmp = secured
     started = time.monotonic()
     server = procs.start("server", "--kit", str(kits / "server"), "--join-timeout", "120",
-                         log=tmp / "server.log")
+                         log=tmp / "server.log", env=blocked_env(tmp, ["torch"]))
     clients = {d: procs.start("client", "--kit", str(kits / d), "--threads", "1",
                               log=tmp / f"{d}.log") for d in DEVICES}
     for proc in (server, *clients.values()):

@@ -262,7 +262,7 @@ def test_stragglers_sleep_by_their_relative_compute(split):
 
 def _simulate(out, *extra):
     return subprocess.Popen(
-        [sys.executable, "-m", "fededge.cli.app", "simulate", "--clients", "3", "--rounds", "3",
+        [sys.executable, "-m", "fededge.cli", "simulate", "--clients", "3", "--rounds", "3",
          "--profiles", "pi-zero-2w,pi-4-4gb,pi-5-8gb", "--seed", "1", "--no-baselines",
          "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

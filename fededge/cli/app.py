@@ -190,6 +190,3 @@ from fededge.cli.deploy import agent_cmd, deploy_cmd  # noqa: E402
 app.command("deploy")(deploy_cmd)
 app.command("agent")(agent_cmd)
 
-
-if __name__ == "__main__":
-    app()

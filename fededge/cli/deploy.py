@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from fededge.cli.output import console, fail
-from fededge.delivery.bundle import DEFAULT_CHUNK_BYTES
+from fededge.edge.bundle import DEFAULT_CHUNK_BYTES
 from fededge.edge.installs import Installs
 from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes

@@ -28,8 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fededge.delivery import bundle
-from fededge.edge import runtime
+from fededge.edge import bundle, runtime
 from fededge.errors import FedEdgeError
 from fededge.kits import pki
 from fededge.kits.kit import DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, Kit, load_kit

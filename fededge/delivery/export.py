@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 from fededge import __version__
 from fededge.edge import runtime
 from fededge.errors import FedEdgeError
+from fededge.files import write_file
 from fededge.learn.data import DataError, Standardizer
 from fededge.learn.models import build_student
 from fededge.learn.zoo import UnknownStudentError
@@ -288,7 +289,7 @@ def export_student(
                               fp32_logits)
     _copy_bundle(out_dir)
     manifest = _manifest(model, meta, profile, preprocessing, verification, int8, out_dir)
-    (out_dir / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_file(out_dir / runtime.MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return ExportResult(
         device=meta.device, out_dir=out_dir, student=meta.student,
         params=manifest["student"]["params"], fp32_bytes=fp32_path.stat().st_size,

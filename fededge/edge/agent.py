@@ -36,8 +36,7 @@ from typing import Any
 import numpy as np
 from cryptography import x509
 
-from fededge.delivery import bundle
-from fededge.edge import runtime
+from fededge.edge import bundle, runtime
 from fededge.edge.installs import Installs
 from fededge.kits.kit import CA_FILE, Kit, KitError
 from fededge.kits.mqtt import connect

@@ -32,12 +32,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from fededge.config import FederationConfig
+from fededge.config import MAX_PAYLOAD, FederationConfig
 from fededge.errors import FedEdgeError
 from fededge.federation.store import Store
 from fededge.federation.strategies.base import Reply, ServerStrategy
 from fededge.transport.base import Transport
-from fededge.wire.envelope import DEFAULT_MAX_PAYLOAD, Message, TensorSpec, decode, require_tensors
+from fededge.wire.envelope import Message, TensorSpec, decode, require_tensors
 from fededge.wire.messages import (
     AnyMessage,
     ConfigMessage,
@@ -92,7 +92,7 @@ class FederationServer:
                  *, expected_clients: int, store: Store | None = None,
                  context: dict[str, Any] | None = None, join_timeout: float = 120.0,
                  events: ServerEvents | None = None,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+                 max_payload: int = MAX_PAYLOAD) -> None:
         """``store`` holds the state to resume from (default: in memory, nothing survives);
         ``context`` lists launch settings besides the config that a resume must match."""
         self.store = store or Store()

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fededge import __version__
-from fededge.config import FederationConfig
+from fededge.config import MAX_PAYLOAD, FederationConfig
 from fededge.federation.server import FederationServer, ServerEvents
 from fededge.federation.store import Store
 from fededge.federation.strategies import strategy_pair
 from fededge.federation.strategies.base import NewLearner, ServerStrategy
 from fededge.transport.base import Transport
-from fededge.wire.envelope import DEFAULT_MAX_PAYLOAD
 
 if TYPE_CHECKING:
     from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
@@ -52,7 +51,7 @@ def build_server(transport: Transport, config: FederationConfig, *, expected_cli
                  store: Store | None = None, context: dict[str, Any] | None = None,
                  public_X: np.ndarray | None = None, strategy: ServerStrategy | None = None,
                  join_timeout: float = 120.0, events: ServerEvents | None = None,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> FederationServer:
+                 max_payload: int = MAX_PAYLOAD) -> FederationServer:
     """A federation server on ``transport``; ``store`` holds what a restart resumes from."""
     return FederationServer(transport, config, strategy or server_strategy(config, public_X),
                             expected_clients=expected_clients, store=store, context=context,

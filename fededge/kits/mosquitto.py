@@ -15,8 +15,7 @@ import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from fededge.config import FederationConfig
-from fededge.wire.envelope import DEFAULT_MAX_PAYLOAD
+from fededge.config import MAX_PAYLOAD, FederationConfig
 from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, MAX_CHUNKS, SERVER_ID, Topics, role_user
 
 # Mosquitto 2's ``$7$`` password hash: PBKDF2-HMAC-SHA512 with these parameters is what
@@ -26,7 +25,7 @@ PBKDF2_ITERATIONS = 101
 SALT_BYTES = 12
 HASH_BYTES = 64
 DEFAULT_QUEUE = 1000
-MAX_PACKET_SIZE = DEFAULT_MAX_PAYLOAD + 64 * 1024  # payload limit plus topic and headers
+MAX_PACKET_SIZE = MAX_PAYLOAD + 64 * 1024  # payload limit plus topic and headers
 CONF_NAME, PASSWD_NAME, ACL_NAME = "mosquitto.conf", "passwd", "acl"
 CA_NAME, CERT_NAME, KEY_NAME = "ca.crt", "broker.crt", "broker.key"
 
@@ -225,7 +224,7 @@ def render_conf(s: ConfSettings) -> str:
         "# and at least 1000. Re-provisioning resizes it.",
         f"max_queued_messages {queued}",
         "max_queued_bytes 0",
-        "# fededge's payload limit (protocol.DEFAULT_MAX_PAYLOAD) plus headers; larger packets are",
+        "# fededge's payload limit (protocol.MAX_PAYLOAD) plus headers; larger packets are",
         "# refused by the broker before they reach anyone.",
         f"max_packet_size {MAX_PACKET_SIZE}",
         "",

@@ -33,9 +33,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from fededge.config import MAX_PAYLOAD
 from fededge.errors import FedEdgeError
 from fededge.transport.base import Handler, Transport
-from fededge.wire.envelope import DEFAULT_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class ChunkingTransport(Transport):
     on receive (ordinary payloads pass through untouched)."""
 
     def __init__(self, inner: Transport, max_payload: int, *,
-                 max_message: int = DEFAULT_MAX_PAYLOAD, max_pending: int = 4 * DEFAULT_MAX_PAYLOAD,
+                 max_message: int = MAX_PAYLOAD, max_pending: int = 4 * MAX_PAYLOAD,
                  timeout_s: float = 60.0) -> None:
         if max_payload < MIN_PAYLOAD:
             raise ValueError(f"max_payload must be at least {MIN_PAYLOAD} bytes, got {max_payload}")

@@ -20,10 +20,10 @@ from safetensors.numpy import save as st_save
 
 # Topic names and ids live in ``topics`` (standard library only, for the edge agent); callers
 # keep reaching them as ``protocol.Topics`` and so on.
+from fededge.config import MAX_PAYLOAD
 from fededge.wire.topics import SERVER_ID, ProtocolError, Topics, validate_id
 
 SCHEMA_VERSION = "1"
-DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 
 KIND_CONFIG = "config"
@@ -106,7 +106,7 @@ def _metadata(header: dict[str, Any]) -> dict[str, str]:
 
 
 def decode(payload: bytes, *, topic: str | None = None, topics: Topics | None = None,
-           max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Message:
+           max_bytes: int = MAX_PAYLOAD) -> Message:
     """Parse and validate everything that does not depend on round state.
 
     Checks: size limit, header bounds, schema version, known kind, well-formed sender and round,

@@ -1,0 +1,5 @@
+"""``python -m fededge.cli``: the ``fededge`` command where its script is not on PATH."""
+
+from fededge.cli.app import app
+
+app(prog_name="fededge")

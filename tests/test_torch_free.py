@@ -1,0 +1,57 @@
+"""What must work where torch cannot be imported: provisioning, checking kits, the server's
+command line and the broker (a fedmd server from a kit runs a whole federation torch-free in
+tests/test_provision.py; deploy, agent and infer in tests/test_deploy.py). Each command runs
+in a Python whose ``import torch`` fails (a sitecustomize), so an accidental import anywhere on
+its path fails the test instead of passing on this machine, where torch is installed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+from helpers import BLOCKED_MARK, blocked_env, run_blocked, stdout_of
+from kit_helpers import REPO, federation_file
+
+from fededge.transport.brokers import free_port, wait_for_port
+
+NO_TORCH = ["torch"]
+
+
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return run_blocked(tmp_path, NO_TORCH, ["-m", "fededge.cli", *args], cwd=REPO)
+
+
+def test_the_blocker_really_blocks_torch(tmp_path):
+    proc = run_blocked(tmp_path, NO_TORCH, ["-c", "import torch"], cwd=REPO)
+    assert proc.returncode != 0 and BLOCKED_MARK in proc.stderr
+
+
+def test_provision_and_verify_kit_without_torch(tmp_path):
+    kits = tmp_path / "kits"
+    out = stdout_of(_cli(tmp_path, "provision", str(federation_file(tmp_path)), "--out",
+                         str(kits)))
+    assert "Kits of federation" in out
+    for party in ("server", "broker", "pi5-kitchen", "zero-kiosk"):
+        assert (kits / party / "manifest.json").is_file()
+    out = stdout_of(_cli(tmp_path, "verify-kit", str(kits)))
+    assert "files match the manifest" in out
+
+
+def test_server_help_without_torch(tmp_path):
+    out = stdout_of(_cli(tmp_path, "server", "--help"))
+    assert "--kit" in out and "--join-timeout" in out
+
+
+def test_the_embedded_broker_without_torch(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fededge.cli", "broker", "--embedded",
+                             "--port", str(port)], cwd=REPO,
+                            env=blocked_env(tmp_path, NO_TORCH), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for_port("127.0.0.1", port, 30), proc.stdout.read() if proc.poll() else ""
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=20)[0]
+    assert "Traceback" not in output, output
