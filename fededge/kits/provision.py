@@ -54,6 +54,7 @@ from fededge.kits.kit import (
     Kit,
 )
 from fededge.kits.manifest import write_manifest
+from fededge.kits.render import render, when
 from fededge.learn.aggregate import UnknownAggregatorError
 from fededge.learn.data import DataError, FederatedSplit, load_dataset, split_federated
 from fededge.learn.models import zoo_for
@@ -462,62 +463,16 @@ def _write_broker_kit(directory: Path, spec: FederationSpec, ca: pki.Identity,
 
 
 def _start_script(role: str, what: str, federation: str) -> str:
-    return f"""#!/bin/sh
-# Start {what} of fededge federation {federation!r} from this kit.
-# Needs fededge on PATH (pip install fededge), or FEDEDGE=/path/to/fededge.
-# Extra arguments go to `fededge {role}` (see `fededge {role} --help`).
-set -eu
-KIT=$(cd "$(dirname "$0")" && pwd)
-exec "${{FEDEDGE:-fededge}}" {role} --kit "$KIT" "$@"
-"""
-
-
-AGENT_INSTALL = ("sudo /opt/fededge/bin/pip install --no-deps fededge\n"
-                 "#   and then the packages of fededge's `edge` extra (pyproject.toml), no torch;\n"
-                 "#   or let devices/install.sh --kit THIS_KIT_DIR do all of this")
+    return render("start.sh.in", role=role, what=what, federation=federation)
 
 
 def _unit(role: str, what: str, federation: str, threads: int | None) -> str:
     """A systemd unit for a Pi, a Jetson or any Linux host (paths in the install notes)."""
-    user = "mosquitto" if role == "broker" else "fededge"
-    kit = f"/etc/fededge/{role}"
-    state = " --state /var/lib/fededge" if role in ("server", CLIENT_ROLE) else ""
-    env = f"Environment=OMP_NUM_THREADS={threads}\n" if threads else ""
-    # The broker launcher re-reads the password file and ACL on SIGHUP (after a revocation).
-    reload = "ExecReload=/bin/kill -HUP $MAINPID\n" if role == "broker" else ""
-    setup = ("#   sudo apt-get install -y mosquitto\n" if role == "broker" else
-             "#   sudo useradd --system --home-dir /var/lib/fededge --shell /usr/sbin/nologin "
-             "fededge\n")
-    # The agent needs no torch, and installs models below its kit: the one path it may write.
-    agent = role == AGENT_ROLE
-    install = AGENT_INSTALL if agent else "sudo /opt/fededge/bin/pip install fededge"
-    kit_setup = f" && sudo mkdir -p {kit}/{STATE_DIR}" if agent else ""
-    writable = f"ReadWritePaths={kit}/{STATE_DIR}\n" if agent else ""
-    return f"""# systemd unit for {what} of fededge federation {federation!r}.
-# Install (Raspberry Pi OS, Jetson Linux, Debian/Ubuntu):
-{setup}#   sudo python3 -m venv /opt/fededge && {install}
-#   sudo mkdir -p /etc/fededge && sudo cp -r THIS_KIT_DIR {kit}{kit_setup}
-#   sudo chown -R {user}: {kit}
-#   sudo cp fededge-{role}.service /etc/systemd/system/
-#   sudo systemctl daemon-reload && sudo systemctl enable --now fededge-{role}
-[Unit]
-Description=fededge {role} ({what}), federation {federation}
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=simple
-User={user}
-{env}Environment=HOME=/var/lib/fededge
-ExecStart=/opt/fededge/bin/fededge {role} --kit {kit}{state}
-{reload}{writable}StateDirectory=fededge
-Restart=on-failure
-RestartSec=15
-NoNewPrivileges=true
-ProtectSystem=strict
-ProtectHome=true
-PrivateTmp=true
-
-[Install]
-WantedBy=multi-user.target
-"""
+    broker, agent = role == "broker", role == AGENT_ROLE
+    return render("fededge.service.in", role=role, what=what, federation=federation,
+                  user="mosquitto" if broker else "fededge", kit=f"/etc/fededge/{role}",
+                  state_dir=STATE_DIR, threads=threads or None,
+                  if_broker=when(broker), if_not_broker=when(not broker),
+                  if_agent=when(agent), if_not_agent=when(not agent),
+                  if_state=when(role in ("server", CLIENT_ROLE)),
+                  if_not_state=when(role not in ("server", CLIENT_ROLE)))
