@@ -30,9 +30,10 @@ import numpy as np
 import onnxruntime as ort
 
 try:  # inside fededge the CLI catches one base class; the copy in a bundle stands alone
-    from fededge.errors import FedEdgeError as _ErrorBase
+    from fededge.errors import FedEdgeError
+    _ERROR_BASES: tuple[type[Exception], ...] = (FedEdgeError, ValueError)
 except ImportError:
-    _ErrorBase = Exception
+    _ERROR_BASES = (ValueError,)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fededge-model/1"
@@ -45,7 +46,7 @@ LATENCY_WARMUP = 10
 """Untimed runs first: the first calls allocate buffers and would inflate the p95."""
 
 
-class InferenceError(_ErrorBase, ValueError):
+class InferenceError(*_ERROR_BASES):
     """A model directory, data file or input the runtime cannot use; the message names it
     and says how to fix it."""
 
