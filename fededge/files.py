@@ -19,13 +19,18 @@ EXECUTABLE_MODE = 0o755
 PRIVATE_DIR_MODE = 0o700
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable: the directory entry, not just the file's data."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable: the directory entry, not just the file's data."""
+    fsync_path(path)
 
 
 def atomic_write(path: Path, data: bytes | str | Callable[[Path], None], *,
@@ -44,11 +49,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[Path], None], *,
         tmp.unlink(missing_ok=True)
         data(tmp)
         os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
     else:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:

@@ -524,3 +524,36 @@ def test_provision_issues_a_code_signing_certificate_and_keeps_it(tmp_path):
     provision(federation, kits)
     assert pki.is_code_signing(load_signer(load_kit(server)).cert)
     assert verify_manifest(kits)[1] == []
+
+
+@pytest.mark.mosquitto
+def test_agent_service_stops_cleanly_on_a_busy_port_and_runs_off_the_main_thread(fed):
+    """edge.service.run_agent, what `fededge agent` runs: its endpoint error names the option
+    and the agent still says goodbye; off the main thread it leaves signals alone."""
+    import socket
+    import threading
+
+    from fededge.edge import service
+
+    kit, device = fed.kits / "gateway-1", "gateway-1"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["agent", "--kit", str(kit), "--http", str(port),
+                                          "--timeout", "5"])
+    assert result.exit_code == 2, result.output
+    assert (f"error: --http {port}: cannot listen on 127.0.0.1:{port} (Address already in "
+            "use); choose another port") in " ".join(result.output.split())
+    report = _retained(fed, "server", "server@deploy", TOPICS.agent_status(device))
+    assert json.loads(report[TOPICS.agent_status(device)])["status"] == "offline"
+
+    lines: list[str] = []
+    done: dict[str, object] = {}
+    handler = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=lambda: done.setdefault(
+        "outcome", service.run_agent(kit, timeout=0.5, events=lines.append)))
+    thread.start()
+    thread.join(30)
+    assert done == {"outcome": None} and signal.getsignal(signal.SIGTERM) is handler
+    assert [line for line in lines if line.endswith("waiting for deployments")]

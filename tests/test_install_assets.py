@@ -238,9 +238,7 @@ def test_requirements_cli_errors_name_the_input(tmp_path, capsys):
 @pytest.mark.parametrize("role", ["client", "agent"])
 def test_unit_files(tmp_path, role):
     path = ASSETS / f"fededge-{role}.service"
-    unit = configparser.ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str
-    unit.read_string(path.read_text())
+    unit = _parse_unit(path)
     service = unit["Service"]
     assert service["ExecStart"].startswith(f"/opt/fededge/bin/fededge {role} --kit "
                                            "/etc/fededge/kit")
@@ -249,7 +247,18 @@ def test_unit_files(tmp_path, role):
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     if role == "agent":  # the agent writes its installed models below the kit, nowhere else
         assert service["ReadWritePaths"] == "/etc/fededge/kit/state"
+    _systemd_verify(path, tmp_path)
 
+
+def _parse_unit(path: Path) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string(path.read_text())
+    return unit
+
+
+def _systemd_verify(path: Path, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` has no complaint about the unit (skip where it is missing)."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed; the unit was parsed only")
@@ -263,3 +272,30 @@ def test_unit_files(tmp_path, role):
     complaints = [line for line in (result.stdout + result.stderr).splitlines()
                   if path.name in line]
     assert result.returncode == 0 and not complaints, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory) -> Path:
+    from kit_helpers import federation_file
+
+    from fededge.kits.provision import provision
+
+    tmp = tmp_path_factory.mktemp("units")
+    provision(federation_file(tmp), tmp / "kits")
+    return tmp / "kits"
+
+
+@pytest.mark.parametrize("kit, role", [("server", "server"), ("pi5-kitchen", "client"),
+                                       ("zero-kiosk", "agent"), ("broker", "broker")])
+def test_provisioned_unit_files(provisioned, tmp_path, kit, role):
+    """The units `fededge provision` renders from templates/fededge.service.in, one per role."""
+    path = provisioned / kit / f"fededge-{role}.service"
+    service = _parse_unit(path)["Service"]
+    state = " --state /var/lib/fededge" if role in ("server", "client") else ""
+    assert service["ExecStart"] == f"/opt/fededge/bin/fededge {role} --kit /etc/fededge/{role}" \
+        + state
+    assert service["User"] == ("mosquitto" if role == "broker" else "fededge")
+    assert ("ExecReload" in service) == (role == "broker")
+    assert ("ReadWritePaths" in service) == (role == "agent")
+    assert ("Environment=OMP_NUM_THREADS=" in path.read_text()) == (role in ("client", "agent"))
+    _systemd_verify(path, tmp_path)

@@ -1,4 +1,5 @@
 """``fededge deploy`` and ``fededge agent``: the model-delivery commands that ``cli.py`` registers.
+They parse options and print; the work is ``delivery.deploy.deploy`` and ``edge.service``.
 
 ``agent`` runs on devices that have only the ``edge`` extra, so nothing this module imports,
 at its top or inside the commands, may import torch, scikit-learn, safetensors or amqtt.
@@ -6,8 +7,6 @@ at its top or inside the commands, may import torch, scikit-learn, safetensors o
 
 from __future__ import annotations
 
-import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,11 +14,10 @@ import typer
 from rich.table import Table
 
 from fededge.cli.output import console, fail
+from fededge.edge import service
 from fededge.edge.bundle import DEFAULT_CHUNK_BYTES
-from fededge.edge.installs import Installs
 from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes
-from fededge.kits.kit import load_kit
 
 
 def deploy_cmd(
@@ -82,39 +80,21 @@ def agent_cmd(
         if once or http is not None or timeout is not None:
             fail(ValueError("--rollback changes the installed version and exits; drop --once, "
                              "--http and --timeout"))
-        _rollback(kit)
+        try:
+            pointer = service.rollback(kit)
+        except FedEdgeError as exc:
+            fail(exc)
+        console.print(f"rolled back: serving {pointer.current} instead of {pointer.previous}; "
+                      f"{pointer.previous} will not be re-installed from its retained "
+                      "deployment (deploy a new bundle to move on)", highlight=False)
         return
-    from fededge.edge.agent import Agent
-    from fededge.edge.http import serve
-
     try:
-        agent = Agent(load_kit(kit), events=lambda line: console.print(line, highlight=False))
-        agent.start()
+        outcome = service.run_agent(kit, http=http, bind=bind, once=once, timeout=timeout,
+                                    events=lambda line: console.print(line, highlight=False))
+    except service.EndpointError as exc:
+        fail(f"--http {http}: {exc}")
     except FedEdgeError as exc:
         fail(exc)
-    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run `finally`
-    server, outcome = None, None
-    try:
-        if http is not None:
-            try:
-                server = serve(agent, bind, http)
-            except OSError as exc:
-                fail(ValueError(f"--http {http}: cannot listen on {bind}:{http} "
-                                 f"({exc.strerror}); choose another port"))
-            agent.http_port = server.server_address[1]
-            console.print(f"serving http://{bind}:{agent.http_port}/predict and /health",
-                          highlight=False)
-        served = agent.served.version if agent.served else "nothing yet"
-        console.print(f"agent of {agent.kit.device!r} in federation {agent.kit.federation!r}: "
-                      f"serving {served}, waiting for deployments", highlight=False)
-        outcome = agent.run(once=once, timeout=timeout)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-        if server is not None:
-            server.shutdown()
-        agent.stop()
     if not once:
         return
     if outcome is None:
@@ -124,14 +104,3 @@ def agent_cmd(
         fail(code=1, problem=f"refused the deployment: {outcome.rejected}")
     console.print(f"{'already ' if outcome.already else ''}installed {outcome.installed}",
                   highlight=False)
-
-
-def _rollback(kit: Path) -> None:
-    try:
-        load_kit(kit)
-        pointer = Installs.of_kit(kit).rollback()
-    except FedEdgeError as exc:
-        fail(exc)
-    console.print(f"rolled back: serving {pointer.current} instead of {pointer.previous}; "
-                  f"{pointer.previous} will not be re-installed from its retained deployment "
-                  "(deploy a new bundle to move on)", highlight=False)

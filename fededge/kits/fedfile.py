@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 from fededge.config import FederationConfig
+from fededge.kits import mosquitto as mq
 from fededge.kits.kit import ROLES
 from fededge.learn.data import PARTITIONERS
 from fededge.wire.envelope import SERVER_ID, ProtocolError, validate_id
@@ -193,7 +194,10 @@ def load_federation_file(path: str | Path) -> FederationSpec:
         raise read.error("federation", "name", str(exc)) from None
 
     broker = BrokerSpec(**read.table(raw["broker"], "broker", {
-        "host": _STR, "tls_port": _PORT, "bind": _STR, "user": _STR,
+        "host": _STR, "tls_port": _PORT,
+        # bind and user are written into mosquitto.conf: one token each
+        "bind": ("an IP address or host name", mq.is_host),
+        "user": ("a system user name (letters, digits, '_', '-', '.')", mq.is_system_user),
         "plain_port": ("0 (none) or a port number 1-65535", lambda v: v == 0 or _is_port(v)),
         "alt_names": ("a list of host names or IP addresses",
                       lambda v: isinstance(v, list) and all(_STR[1](n) for n in v)),

@@ -1,5 +1,6 @@
-"""Mosquitto's own files for one federation: password file, ACL and ``mosquitto.conf``. Text in,
-text out; no I/O, so provisioning decides where they go and tests can read them directly.
+"""Mosquitto's own files for one federation: password file, ACL and ``mosquitto.conf`` (from
+``templates/mosquitto.conf.in``). Text in, text out; no I/O, so provisioning decides where they go
+and tests can read them directly.
 
 Only MQTT 3.1.1 features and stock Mosquitto 2 options are used, so a cluster (``broker/``)
 can take over with the same topics and rules.
@@ -10,13 +11,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import math
+import re
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from fededge.config import MAX_PAYLOAD, FederationConfig
-from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, MAX_CHUNKS, SERVER_ID, Topics, role_user
+from fededge.kits.render import render, when
+from fededge.wire.topics import (
+    AGENT_ROLE,
+    DEPLOY_ROLE,
+    MAX_CHUNKS,
+    SERVER_ID,
+    Topics,
+    role_user,
+    validate_id,
+)
 
 # Mosquitto 2's ``$7$`` password hash: PBKDF2-HMAC-SHA512 with these parameters is what
 # ``mosquitto_passwd`` writes (mosquitto 2.0 src/password_mosq.c), so files are byte-compatible
@@ -148,6 +160,26 @@ def queue_size(config: FederationConfig, devices: int, agents: int = 0) -> int:
     return max(DEFAULT_QUEUE, rounds, deploy)
 
 
+_HOST_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+def is_host(value: object) -> bool:
+    """An address a listener can bind or a client dial: an IP address or a host name."""
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return len(value) <= 253 and _HOST_RE.fullmatch(value) is not None
+
+
+def is_system_user(value: object) -> bool:
+    """A name Mosquitto can switch to (``user``): a POSIX user name, as useradd takes it."""
+    return isinstance(value, str) and _USER_RE.fullmatch(value) is not None
+
+
 @dataclass(frozen=True)
 class ConfSettings:
     config: FederationConfig  # the federation's name and what sizes its queues
@@ -158,82 +190,24 @@ class ConfSettings:
     agents: int = 0        # agent-only devices
     user: str = "mosquitto"
 
+    def __post_init__(self) -> None:
+        """The strings written into mosquitto.conf, each one token to Mosquitto (the federation
+        file is checked the same way, naming the line; numbers are rendered as numbers)."""
+        validate_id(self.config.federation, "federation name")
+        if not is_host(self.bind):
+            raise ValueError(f"bind {self.bind!r} is no IP address or host name")
+        if not is_system_user(self.user):
+            raise ValueError(f"user {self.user!r} is no system user name")
+
 
 def render_conf(s: ConfSettings) -> str:
     c = s.config
-    queued = queue_size(c, s.devices, s.agents)
-    refreshes = refreshes_per_attempt(c)
-    plain = ([
-        "# Plain (unencrypted) listener, asked for with [broker] plain_port: loopback only, for",
-        "# tools on this machine. Passwords and the ACL still apply.",
-        f"listener {s.plain_port} 127.0.0.1",
-        "use_username_as_clientid true",
-        "",
-    ] if s.plain_port else [
-        "# No plain listener: add [broker] plain_port to the federation file for a loopback one.",
-        "",
-    ])
-    return "\n".join([
-        f"# Mosquitto 2 configuration of fededge federation {c.federation!r}, written by",
-        "# `fededge provision`. Re-run provision instead of editing (credentials are kept).",
-        "#",
-        "# Paths are relative to the directory mosquitto runs in: `fededge broker --kit DIR`",
-        "# copies DIR to a private runtime directory and starts mosquitto there (SIGHUP to",
-        "# `fededge broker` re-copies the password file and ACL and makes mosquitto reload them).",
-        "#",
-        "# Privileges: started as root, mosquitto switches to `user` BEFORE it opens the password",
-        "# file, the ACL and the TLS key, which provision writes 0600 for the provisioning user.",
-        "# Rather than run a network daemon as root, `fededge broker --kit` started as root gives",
-        f"# its runtime copy to {s.user!r}; started as any other user, mosquitto ignores `user`",
-        "# and reads the files as that user.",
-        f"user {s.user}",
-        "",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {PASSWD_NAME}",
-        f"acl_file {ACL_NAME}",
-        "# Listener options (use_username_as_clientid below) must follow a `listener` line:",
-        "# set before the first one they would configure, and open, a default listener on 1883.",
-        "",
-        "# TLS listener. Clients present a certificate signed by the federation CA and their",
-        "# password: two independent factors, and revoking the password locks a device out.",
-        f"listener {s.tls_port} {s.bind}",
-        "# The MQTT client id is forced to the user name: one device cannot take over another",
-        "# device's session by reusing its client id.",
-        "use_username_as_clientid true",
-        f"cafile {CA_NAME}",
-        f"certfile {CERT_NAME}",
-        f"keyfile {KEY_NAME}",
-        "require_certificate true",
-        "use_identity_as_username false",
-        "",
-        *plain,
-        "# Mosquitto silently drops QoS-1 messages beyond max_queued_messages per client (its",
-        "# default of 1000 delivered 1,668 of 2,000 in a burst here). Sized to hold everything one",
-        "# client can be sent in this federation, the larger of:",
-        f"# - rounds: 2 x ({s.devices} training devices + server) x ({c.rounds} rounds + 1) x "
-        f"{messages_per_round(c)}",
-        f"#   messages per round: {c.max_attempts} attempts x (announcement + upload + 3 x "
-        f"{refreshes} re-publishes",
-        f"#   of config, consensus and announcement: one every resend_s while the attempt's "
-        f"{c.deadline_s:g} s",
-        "#   deadline runs) + consensus, metrics, presence;",
-        f"# - deploy: 2 x ({s.devices} training + {s.agents} agent-only devices) x "
-        f"({MAX_CHUNKS} chunks + descriptor),",
-        "#   the retained bundles `fededge deploy` reads at once;",
-        "# and at least 1000. Re-provisioning resizes it.",
-        f"max_queued_messages {queued}",
-        "max_queued_bytes 0",
-        "# fededge's payload limit (protocol.MAX_PAYLOAD) plus headers; larger packets are",
-        "# refused by the broker before they reach anyone.",
-        f"max_packet_size {MAX_PACKET_SIZE}",
-        "",
-        "# Retained config/round live in memory; the server republishes them when it starts.",
-        "persistence false",
-        "log_dest stderr",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "connection_messages true",
-        "",
-    ])
+    return render(
+        "mosquitto.conf.in", federation=c.federation, user=s.user, passwd_file=PASSWD_NAME,
+        acl_file=ACL_NAME, tls_port=s.tls_port, bind=s.bind, ca_file=CA_NAME,
+        cert_file=CERT_NAME, key_file=KEY_NAME, if_plain=when(bool(s.plain_port)),
+        if_not_plain=when(not s.plain_port), plain_port=s.plain_port, devices=s.devices,
+        rounds=c.rounds, messages_per_round=messages_per_round(c), max_attempts=c.max_attempts,
+        refreshes=refreshes_per_attempt(c), deadline_s=f"{c.deadline_s:g}", agents=s.agents,
+        max_chunks=MAX_CHUNKS, min_queued_messages=DEFAULT_QUEUE,
+        max_queued_messages=queue_size(c, s.devices, s.agents), max_packet_size=MAX_PACKET_SIZE)

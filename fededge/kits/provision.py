@@ -19,6 +19,17 @@ incremental: existing CA, passwords, keys and certificates are kept, so adding a
 no one else's credentials; ``--revoke`` removes a device from the password file and ACL and
 deletes its kit. A device still listed after it was revoked is skipped (with a note), never
 re-issued credentials: give a replacement a new id.
+
+The work is done by the builders below, one concern each, which ``provisioner.Provisioner``
+runs in this order over a staging copy of OUT that replaces OUT only when all are done (on an
+error OUT is left as it was); ``ProvisionContext`` is what they share:
+
+    Revocations   who is out (``ca/revoked.json``, ``--revoke``); removes their kits
+    Planner       roles, the dataset split, students, settings, every party's ``Kit``
+    Certificates  the CA (kept, or created) and every party's certificate
+    PartyKits     the server's and each device's kit file, password, start script and unit
+    BrokerKit     Mosquitto's password file, ACL and mosquitto.conf, start script and unit
+    Manifests     each kit's ``manifest.json`` and OUT's
 """
 
 from __future__ import annotations
@@ -27,11 +38,10 @@ import json
 import re
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fededge.config import ConfigError, FederationConfig
-from fededge.errors import FedEdgeError
 from fededge.federation.strategies import UnknownStrategyError, strategy_pair
 from fededge.files import private_dir, write_file, write_secret
 from fededge.kits import mosquitto as mq
@@ -52,8 +62,11 @@ from fededge.kits.kit import (
     BrokerAccess,
     DatasetRef,
     Kit,
+    load_kit,
 )
 from fededge.kits.manifest import write_manifest
+from fededge.kits.provisioner import Builder, Context, Provisioner, ProvisionError
+from fededge.kits.render import render, when
 from fededge.learn.aggregate import UnknownAggregatorError
 from fededge.learn.data import DataError, FederatedSplit, load_dataset, split_federated
 from fededge.learn.picking import inference_exceeds, pick_student
@@ -64,10 +77,6 @@ from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, role_user
 CA_DIR, BROKER_DIR = "ca", "broker"
 CA_KEY, REVOKED_FILE = "ca.key", "revoked.json"
 LOOPBACK_NAMES = ["localhost", "127.0.0.1"]
-
-
-class ProvisionError(FedEdgeError, ValueError):
-    """Provisioning cannot go on; the message names the input (file and line, or kit)."""
 
 
 @dataclass(frozen=True)
@@ -92,74 +101,192 @@ class ProvisionResult:
     skipped: list[str]       # listed in the federation file but revoked earlier
 
 
+@dataclass(frozen=True)
+class FederationPlan:
+    """What the federation file comes to: the settings every party gets and each one's kit."""
+
+    config: FederationConfig
+    dataset_path: Path | None  # the .npz every kit that needs it ships, None: built in
+    kits: list[Kit]            # the server's first, then each active device's (below ctx.root)
+    agents: list[str]          # the agent-only devices among them
+    devices: list[PartyPlan]   # what `fededge provision` reports per device
+
+
+@dataclass(kw_only=True)
+class ProvisionContext(Context):
+    """What the builders share; each field is set by the builder named beside it."""
+
+    spec: FederationSpec
+    revoke: list[str]                                        # this run's --revoke
+    revoked: dict[str, dict] = field(default_factory=dict)   # Revocations: all, with serials
+    plan: FederationPlan = field(init=False, repr=False)     # Planner
+    ca: pki.Identity | None = None                           # Certificates (None: no CA yet)
+    passwords: dict[str, str] = field(default_factory=dict)  # PartyKits: party -> broker password
+
+
+class Revocations(Builder):
+    """Who is out: ``ca/revoked.json`` and this run's ``--revoke``. First in the list: it
+    records them and removes their kits before any kit is written, and its finalize, the
+    last, checks that no revoked device kept a kit, a broker user or an ACL block."""
+
+    def initialize(self, ctx: ProvisionContext) -> None:
+        ctx.revoked = _revocations(ctx)
+
+    def build(self, ctx: ProvisionContext) -> None:
+        write_file(private_dir(ctx.root / CA_DIR) / REVOKED_FILE,
+                   json.dumps(ctx.revoked, indent=2, sort_keys=True) + "\n")
+        for device in ctx.revoked:
+            if (ctx.root / device / CLIENT_FILE).is_file():  # a device kit, never ca/, server/
+                shutil.rmtree(ctx.root / device)
+
+    def finalize(self, ctx: ProvisionContext) -> None:
+        users = mq.parse_passwd((ctx.root / BROKER_DIR / mq.PASSWD_NAME).read_text())
+        acl = (ctx.root / BROKER_DIR / mq.ACL_NAME).read_text().splitlines()
+        for device in ctx.revoked:
+            left = [what for what, there in (
+                ("a kit", (ctx.root / device).exists()),
+                ("a broker user", {device, role_user(device, AGENT_ROLE)} & set(users)),
+                ("an ACL block", {f"user {device}", f"user {role_user(device, AGENT_ROLE)}"}
+                 & set(acl))) if there]
+            if left:
+                raise ProvisionError(f"revoked device {device!r} would still have "
+                                     f"{' and '.join(left)}; nothing was written")
+
+
+class Planner(Builder):
+    """The federation from its file: roles, the dataset split, students, the settings the
+    server publishes, each agent-only device's model source, and every party's kit."""
+
+    def initialize(self, ctx: ProvisionContext) -> None:
+        spec, revoked = ctx.spec, ctx.revoked
+        active = [d for d in spec.devices if d.id not in revoked]
+        _check_orphan_kits(ctx)
+        roles = _roles(spec, active)
+
+        dataset_path = _dataset_file(spec)
+        trainers = [d for d in active if roles[d.id] == CLIENT_ROLE]
+        shard_devices = [d.id for d in trainers if d.data is None]
+        split = _split(spec, dataset_path, max(1, len(shard_devices)))
+        students = {d.id: _student(spec, d, split) for d in trainers}
+        config = _config(spec, split, students)
+        _homogeneous(spec, config, students)
+        sources = {d.id: _model_from(spec, d, students, split, revoked)
+                   for d in active if roles[d.id] == AGENT_ROLE}
+
+        ref = DatasetRef(DATASET_FILE if dataset_path else spec.dataset.source,
+                         spec.dataset.partition, float(spec.dataset.alpha), spec.dataset.seed,
+                         max(1, len(shard_devices)), split.proxy_sha256)
+        settings = {k: v for k, v in config.to_dict().items() if k != "run_id"}
+
+        def party_kit(party: str, **fields) -> Kit:
+            access = BrokerAccess(spec.broker.host, spec.broker.tls_port, party)
+            return Kit(ctx.root / party, spec.name, party, access, ref, settings, **fields)
+        kits = [party_kit(SERVER_ID, devices=tuple(students), agents=sources)]
+        kits += [party_kit(d.id, profile=d.profile,
+                           **_device_fields(d, config.seed, students, sources, shard_devices))
+                 for d in active]
+        devices = [PartyPlan(kit.device, kit.profile, kit.student,
+                             "kept" if kit.file.exists() else "new", kit.role, kit.model_from,
+                             _beyond_budgets(kit, split)) for kit in kits[1:]]
+        ctx.plan = FederationPlan(config, dataset_path, kits, list(sources), devices)
+
+
+class Certificates(Builder):
+    """The federation CA (kept, or created on the first run) and every party's certificate:
+    each kit's client certificate, the server's code-signing one, the broker's TLS one."""
+
+    def initialize(self, ctx: ProvisionContext) -> None:
+        ctx.ca = _existing_ca(ctx)
+
+    def build(self, ctx: ProvisionContext) -> None:
+        if ctx.ca is None:
+            ca_dir = private_dir(ctx.root / CA_DIR)
+            ctx.ca = pki.create_ca(ctx.spec.name)
+            ctx.ca.save(ca_dir / CA_FILE, ca_dir / CA_KEY)
+        for kit in ctx.plan.kits:
+            directory = private_dir(kit.directory)
+            _identity(directory, CERT_FILE, KEY_FILE, ctx.ca, kit.device)
+            if kit.is_server:  # signs `fededge deploy` bundles, so the CA key can stay offline
+                _identity(directory, DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, ctx.ca,
+                          role_user(SERVER_ID, DEPLOY_ROLE), code_signing=True)
+            write_file(directory / CA_FILE, ctx.ca.cert_pem)
+        broker = private_dir(ctx.root / BROKER_DIR)
+        hosts = [ctx.spec.broker.host, *ctx.spec.broker.alt_names, *LOOPBACK_NAMES]
+        _identity(broker, mq.CERT_NAME, mq.KEY_NAME, ctx.ca, ctx.spec.broker.host, hosts)
+        write_file(broker / mq.CA_NAME, ctx.ca.cert_pem)
+
+    def finalize(self, ctx: ProvisionContext) -> None:
+        """The CA key is in ca/ and nowhere else."""
+        key = (ctx.root / CA_DIR / CA_KEY).read_bytes()
+        for path in sorted(ctx.root.rglob("*")):
+            if (path.is_file() and path.relative_to(ctx.root).parts[0] != CA_DIR
+                    and path.stat().st_size == len(key) and path.read_bytes() == key):
+                raise ProvisionError(f"{ctx.shown(path)} would hold the CA key, which never "
+                                     f"leaves {ctx.out / CA_DIR}; nothing was written")
+
+
+class PartyKits(Builder):
+    """The server's and each device's kit: password, dataset, kit file, start script, unit."""
+
+    def build(self, ctx: ProvisionContext) -> None:
+        for kit in ctx.plan.kits:
+            ctx.passwords[kit.device] = _write_party_kit(kit, ctx.spec, ctx.plan.dataset_path)
+
+    def finalize(self, ctx: ProvisionContext) -> None:
+        """Every kit written reads back as a kit (what `fededge server`/`client` load)."""
+        for kit in ctx.plan.kits:
+            load_kit(kit.directory)
+
+
+class BrokerKit(Builder):
+    """The broker's kit: Mosquitto's password file, ACL and configuration, start script, unit."""
+
+    def build(self, ctx: ProvisionContext) -> None:
+        _write_broker_kit(ctx.root / BROKER_DIR, ctx.spec, ctx.passwords, ctx.plan.config,
+                          ctx.plan.agents)
+
+
+class Manifests(Builder):
+    """The SHA-256 of every file: one manifest per kit, one over all of them. Builds last."""
+
+    def build(self, ctx: ProvisionContext) -> None:
+        name = ctx.spec.name
+        for kit in ctx.plan.kits:
+            write_manifest(kit.directory, f"fededge kit of {kit.device!r}, federation {name!r}")
+        write_manifest(ctx.root / BROKER_DIR, f"fededge broker kit, federation {name!r}")
+        write_manifest(ctx.root, f"fededge kits of federation {name!r}")
+
+
+def builders() -> list[Builder]:
+    """Provisioning's builders, in order (finalize runs in reverse)."""
+    return [Revocations(), Planner(), Certificates(), PartyKits(), BrokerKit(), Manifests()]
+
+
 def provision(federation_file: str | Path, out: str | Path,
               revoke: list[str] | None = None) -> ProvisionResult:
-    """Write or update the kits of ``federation_file`` below ``out``."""
+    """Write or update the kits of ``federation_file`` below ``out``: all of them, or, on any
+    error, none (``out`` is left as it was)."""
     spec = load_federation_file(federation_file)
-    out = Path(out)
-    revoked = _revocations(spec, out, revoke or [])
-    active = [d for d in spec.devices if d.id not in revoked]
-    _check_orphan_kits(spec, out, set(revoked))
-    roles = _roles(spec, active)
-
-    dataset_path = _dataset_file(spec)
-    trainers = [d for d in active if roles[d.id] == CLIENT_ROLE]
-    shard_devices = [d.id for d in trainers if d.data is None]
-    split = _split(spec, dataset_path, max(1, len(shard_devices)))
-    students = {d.id: _student(spec, d, split) for d in trainers}
-    config = _config(spec, split, students)
-    _homogeneous(spec, config, students)
-    sources = {d.id: _model_from(spec, d, students, split, revoked)
-               for d in active if roles[d.id] == AGENT_ROLE}
-
-    ca = _ca(out, spec.name)
-    ref = DatasetRef(DATASET_FILE if dataset_path else spec.dataset.source,
-                     spec.dataset.partition, float(spec.dataset.alpha), spec.dataset.seed,
-                     max(1, len(shard_devices)), split.proxy_sha256)
-    settings = {k: v for k, v in config.to_dict().items() if k != "run_id"}
-
-    def party_kit(party: str, **fields) -> Kit:
-        access = BrokerAccess(spec.broker.host, spec.broker.tls_port, party)
-        return Kit(out / party, spec.name, party, access, ref, settings, **fields)
-    kits = [party_kit(SERVER_ID, devices=tuple(students), agents=sources)]
-    kits += [party_kit(d.id, profile=d.profile,
-                       **_device_fields(d, config.seed, students, sources, shard_devices))
-             for d in active]
-    plans, passwords = [], {}
-    for party in kits:
-        is_new = not party.file.exists()
-        passwords[party.device] = _write_party_kit(party, ca, spec, dataset_path)
-        if not party.is_server:
-            plans.append(PartyPlan(party.device, party.profile, party.student,
-                                   "new" if is_new else "kept", party.role, party.model_from,
-                                   _beyond_budgets(party, split)))
-    _write_broker_kit(out / BROKER_DIR, spec, ca, passwords, config, list(sources))
-
-    # Only now, with the new password file and ACL written, record and apply revocations.
-    write_file(out / CA_DIR / REVOKED_FILE, json.dumps(revoked, indent=2, sort_keys=True) + "\n")
-    for device in revoked:
-        if (out / device / CLIENT_FILE).is_file():  # a device kit, never ca/, broker/, server/
-            shutil.rmtree(out / device)
-    for kit in kits:
-        write_manifest(kit.directory, f"fededge kit of {kit.device!r}, federation {spec.name!r}")
-    write_manifest(out / BROKER_DIR, f"fededge broker kit, federation {spec.name!r}")
-    write_manifest(out, f"fededge kits of federation {spec.name!r}")
-    return ProvisionResult(out, config, plans, sorted(set(revoke or [])),
-                           [d.id for d in spec.devices if d.id in revoked
-                            and d.id not in (revoke or [])])
+    revoke = list(revoke or [])
+    ctx = ProvisionContext(out=Path(out), spec=spec, revoke=revoke)
+    Provisioner(builders()).provision(ctx)
+    return ProvisionResult(ctx.out, ctx.plan.config, ctx.plan.devices, sorted(set(revoke)),
+                           [d.id for d in spec.devices if d.id in ctx.revoked
+                            and d.id not in revoke])
 
 
 # ----------------------------------------------------------------------------- checks
 
-def _revocations(spec: FederationSpec, out: Path, revoke: list[str]) -> dict[str, dict]:
+def _revocations(ctx: ProvisionContext) -> dict[str, dict]:
     """Earlier revocations (``ca/revoked.json``) plus this run's, with certificate serials."""
-    path = out / CA_DIR / REVOKED_FILE
+    spec, root = ctx.spec, ctx.root
+    path = root / CA_DIR / REVOKED_FILE
     revoked = json.loads(path.read_text()) if path.is_file() else {}
     listed = {d.id for d in spec.devices}
-    for device in revoke:
-        kit = out / device
+    for device in ctx.revoke:
+        kit = root / device
         if device not in listed | set(revoked) and not (kit / CLIENT_FILE).is_file():
-            raise ProvisionError(f"--revoke {device}: no such device in {spec.path} or {out}")
+            raise ProvisionError(f"--revoke {device}: no such device in {spec.path} or {ctx.out}")
         if device in revoked:
             continue
         cert = kit / CERT_FILE
@@ -169,17 +296,16 @@ def _revocations(spec: FederationSpec, out: Path, revoke: list[str]) -> dict[str
     return revoked
 
 
-def _check_orphan_kits(spec: FederationSpec, out: Path, revoked: set[str]) -> None:
+def _check_orphan_kits(ctx: ProvisionContext) -> None:
     """A kit whose device left the file: silently dropping its access would be a revocation
     nobody asked for, and keeping it would leave credentials nobody tracks."""
-    if not out.is_dir():
-        return
+    spec = ctx.spec
     listed = {d.id for d in spec.devices}
-    for kit in sorted(out.iterdir()):
-        if (kit / CLIENT_FILE).is_file() and kit.name not in listed | revoked:
+    for kit in sorted(ctx.root.iterdir()):
+        if (kit / CLIENT_FILE).is_file() and kit.name not in listed | set(ctx.revoked):
             raise ProvisionError(
-                f"{kit}: device {kit.name!r} has a kit but is no longer in {spec.path}; add it "
-                f"back, or revoke it with --revoke {kit.name}")
+                f"{ctx.shown(kit)}: device {kit.name!r} has a kit but is no longer in "
+                f"{spec.path}; add it back, or revoke it with --revoke {kit.name}")
 
 
 def _roles(spec: FederationSpec, active: list[DeviceSpec]) -> dict[str, str]:
@@ -355,18 +481,16 @@ def _device_fields(device: DeviceSpec, seed: int, students: dict[str, str],
 
 # ----------------------------------------------------------------------------- writing
 
-def _ca(out: Path, federation: str) -> pki.Identity:
-    """The federation CA: kept if present, created on the first run."""
-    directory = private_dir(out / CA_DIR)
+def _existing_ca(ctx: ProvisionContext) -> pki.Identity | None:
+    """The federation CA of an earlier run (None on the first): it is kept, never replaced."""
+    directory = ctx.root / CA_DIR
     cert, key = directory / CA_FILE, directory / CA_KEY
     if cert.exists() and key.exists():
         return pki.Identity.load(cert, key)
     if cert.exists() or key.exists():
-        raise ProvisionError(f"{directory}: holds only one of {CA_FILE} and {CA_KEY}; restore "
-                             "the other (re-creating the CA would invalidate every kit)")
-    ca = pki.create_ca(federation)
-    ca.save(cert, key)
-    return ca
+        raise ProvisionError(f"{ctx.shown(directory)}: holds only one of {CA_FILE} and {CA_KEY}; "
+                             "restore the other (re-creating the CA would invalidate every kit)")
+    return None
 
 
 def _identity(directory: Path, cert_name: str, key_name: str, ca: pki.Identity,
@@ -396,16 +520,10 @@ def _password(directory: Path) -> str:
     return password
 
 
-def _write_party_kit(kit: Kit, ca: pki.Identity, spec: FederationSpec,
-                     dataset_path: Path | None) -> str:
-    """Write one server or device kit; returns its broker password."""
+def _write_party_kit(kit: Kit, spec: FederationSpec, dataset_path: Path | None) -> str:
+    """Write one server or device kit (its certificates aside); returns its broker password."""
     directory = private_dir(kit.directory)
     password = _password(directory)
-    _identity(directory, CERT_FILE, KEY_FILE, ca, kit.device)
-    if kit.is_server:  # signs `fededge deploy` bundles, so the CA key can stay offline
-        _identity(directory, DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, ca,
-                  role_user(SERVER_ID, DEPLOY_ROLE), code_signing=True)
-    write_file(directory / CA_FILE, ca.cert_pem)
     if dataset_path is not None and (kit.is_server or kit.trains):
         write_file(directory / DATASET_FILE, dataset_path.read_bytes())
     else:  # a built-in dataset, or an agent-only device (it may have trained before)
@@ -435,14 +553,11 @@ def _describe(kit: Kit) -> str:
             f"{kit.model_from!r})")
 
 
-def _write_broker_kit(directory: Path, spec: FederationSpec, ca: pki.Identity,
-                      passwords: dict[str, str], config: FederationConfig,
-                      agents: list[str]) -> None:
-    """``agents``: the agent-only devices among ``passwords``' parties."""
+def _write_broker_kit(directory: Path, spec: FederationSpec, passwords: dict[str, str],
+                      config: FederationConfig, agents: list[str]) -> None:
+    """The broker kit, its TLS certificate aside; ``agents``: the agent-only devices among
+    ``passwords``' parties."""
     directory = private_dir(directory)
-    hosts = [spec.broker.host, *spec.broker.alt_names, *LOOPBACK_NAMES]
-    _identity(directory, mq.CERT_NAME, mq.KEY_NAME, ca, spec.broker.host, hosts)
-    write_file(directory / mq.CA_NAME, ca.cert_pem)
     passwd = directory / mq.PASSWD_NAME
     previous = mq.parse_passwd(passwd.read_text()) if passwd.is_file() else {}
     write_secret(passwd, mq.render_passwd(mq.broker_users(passwords, agents), previous))
@@ -457,62 +572,16 @@ def _write_broker_kit(directory: Path, spec: FederationSpec, ca: pki.Identity,
 
 
 def _start_script(role: str, what: str, federation: str) -> str:
-    return f"""#!/bin/sh
-# Start {what} of fededge federation {federation!r} from this kit.
-# Needs fededge on PATH (pip install fededge), or FEDEDGE=/path/to/fededge.
-# Extra arguments go to `fededge {role}` (see `fededge {role} --help`).
-set -eu
-KIT=$(cd "$(dirname "$0")" && pwd)
-exec "${{FEDEDGE:-fededge}}" {role} --kit "$KIT" "$@"
-"""
-
-
-AGENT_INSTALL = ("sudo /opt/fededge/bin/pip install --no-deps fededge\n"
-                 "#   and then the packages of fededge's `edge` extra (pyproject.toml), no torch;\n"
-                 "#   or let devices/install.sh --kit THIS_KIT_DIR do all of this")
+    return render("start.sh.in", role=role, what=what, federation=federation)
 
 
 def _unit(role: str, what: str, federation: str, threads: int | None) -> str:
     """A systemd unit for a Pi, a Jetson or any Linux host (paths in the install notes)."""
-    user = "mosquitto" if role == "broker" else "fededge"
-    kit = f"/etc/fededge/{role}"
-    state = " --state /var/lib/fededge" if role in ("server", CLIENT_ROLE) else ""
-    env = f"Environment=OMP_NUM_THREADS={threads}\n" if threads else ""
-    # The broker launcher re-reads the password file and ACL on SIGHUP (after a revocation).
-    reload = "ExecReload=/bin/kill -HUP $MAINPID\n" if role == "broker" else ""
-    setup = ("#   sudo apt-get install -y mosquitto\n" if role == "broker" else
-             "#   sudo useradd --system --home-dir /var/lib/fededge --shell /usr/sbin/nologin "
-             "fededge\n")
-    # The agent needs no torch, and installs models below its kit: the one path it may write.
-    agent = role == AGENT_ROLE
-    install = AGENT_INSTALL if agent else "sudo /opt/fededge/bin/pip install fededge"
-    kit_setup = f" && sudo mkdir -p {kit}/{STATE_DIR}" if agent else ""
-    writable = f"ReadWritePaths={kit}/{STATE_DIR}\n" if agent else ""
-    return f"""# systemd unit for {what} of fededge federation {federation!r}.
-# Install (Raspberry Pi OS, Jetson Linux, Debian/Ubuntu):
-{setup}#   sudo python3 -m venv /opt/fededge && {install}
-#   sudo mkdir -p /etc/fededge && sudo cp -r THIS_KIT_DIR {kit}{kit_setup}
-#   sudo chown -R {user}: {kit}
-#   sudo cp fededge-{role}.service /etc/systemd/system/
-#   sudo systemctl daemon-reload && sudo systemctl enable --now fededge-{role}
-[Unit]
-Description=fededge {role} ({what}), federation {federation}
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=simple
-User={user}
-{env}Environment=HOME=/var/lib/fededge
-ExecStart=/opt/fededge/bin/fededge {role} --kit {kit}{state}
-{reload}{writable}StateDirectory=fededge
-Restart=on-failure
-RestartSec=15
-NoNewPrivileges=true
-ProtectSystem=strict
-ProtectHome=true
-PrivateTmp=true
-
-[Install]
-WantedBy=multi-user.target
-"""
+    broker, agent = role == "broker", role == AGENT_ROLE
+    return render("fededge.service.in", role=role, what=what, federation=federation,
+                  user="mosquitto" if broker else "fededge", kit=f"/etc/fededge/{role}",
+                  state_dir=STATE_DIR, threads=threads or None,
+                  if_broker=when(broker), if_not_broker=when(not broker),
+                  if_agent=when(agent), if_not_agent=when(not agent),
+                  if_state=when(role in ("server", CLIENT_ROLE)),
+                  if_not_state=when(role not in ("server", CLIENT_ROLE)))
