@@ -19,6 +19,7 @@ from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
 from fededge.learn.zoo import estimate_cost
 from fededge.transport.brokers import BrokerError, mosquitto_binary
+from fededge.wire import envelope as proto
 
 STUDENTS = ("cnn-xs", "cnn-s", "cnn-m")
 
@@ -47,6 +48,15 @@ def make_client(transport, split, index: int, federation: str = "demo",
     return build_client(transport, config,
                         DeviceIdentity(f"dev{index}", "test-profile", student, params), local,
                         seed=index, checkpoint_dir=checkpoint_dir)
+
+
+def message_is(kind: str, rnd: int | None = None):
+    """``when`` of a fault rule (``fededge.transport.faults``): messages of one kind, and of
+    one round if ``rnd`` is given. The transport knows no message kinds; the test does."""
+    def check(topic: str, payload: bytes) -> bool:
+        msg = proto.decode(payload)
+        return msg.kind == kind and (rnd is None or msg.round == rnd)
+    return check
 
 
 def local_only_accuracy(split, index: int, epochs: int) -> float:

@@ -67,15 +67,25 @@ def test_a_tampered_chunk_fails_the_sha256():
         r.add("t", frames[-1])
 
 
+def _rest(r: Reassembler, topic: str, frames: list[bytes], now: float) -> bytes | None:
+    """Add every chunk but the first; what the last one completed, if anything."""
+    return [r.add(topic, f, now=now) for f in frames[1:]][-1]
+
+
 def test_pending_memory_is_bounded():
     r = _reassembler(max_pending=25_000, timeout_s=10.0)
-    for n in range(3):  # one topic holds at most two pending messages: the oldest goes
-        r.add("a", split(PAYLOAD + bytes([n]), 1024)[0], now=float(n))
-    assert sorted(len(p.parts) for p in r._pending.values()) == [1, 1]
+    messages = [split(PAYLOAD + bytes([n]), 1024) for n in range(3)]
+    for n, frames in enumerate(messages):  # one topic holds at most two pending messages
+        r.add("a", frames[0], now=float(n))
     with pytest.raises(ChunkError, match="no room"):  # 2 × 10 KB pending, budget 25 KB
         r.add("b", split(PAYLOAD, 1024)[0], now=3.0)
-    r.add("b", split(PAYLOAD, 1024)[0], now=20.0)  # the stale sets expired meanwhile
-    assert [k[0] for k in r._pending] == ["b"]
+    assert _rest(r, "a", messages[2], now=4.0) == PAYLOAD + bytes([2])  # kept
+    assert _rest(r, "a", messages[0], now=4.0) is None  # the oldest went: its first chunk too
+    # at 20 s the sets of message 1 (opened at 1 s) and 0 (re-opened at 4 s) are over 10 s old:
+    # they expired, so there is room for b, and message 1 can no longer complete
+    assert r.add("b", split(PAYLOAD, 1024)[0], now=20.0) is None
+    assert _rest(r, "b", split(PAYLOAD, 1024), now=20.0) == PAYLOAD
+    assert _rest(r, "a", messages[1], now=20.0) is None
 
 
 def test_chunking_transport_passes_small_payloads_and_counts_wire_bytes():

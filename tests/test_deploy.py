@@ -234,12 +234,12 @@ def test_a_crash_mid_install_leaves_the_previous_model_serving(fed, tmp_path):
     first = _deploy(fed, fed.v1, device)
     assert _agent_once(fed, device)[0].installed == first.version
     second = _deploy(fed, fed.v2, device)
-    # The agent process dies (no cleanup of any kind) after writing the new version, before
-    # swapping the pointer.
+    # The agent process dies (no cleanup of any kind) after writing and checking the new
+    # version, as it goes to make it current.
     crash = textwrap.dedent(f"""
         import os, sys
         import fededge.edge.installs
-        fededge.edge.installs.Installs._swap = lambda self, pointer: os._exit(9)
+        fededge.edge.installs.Installs.activate = lambda self, version: os._exit(9)
         from fededge.cli.app import app
         sys.argv = ["fededge", "agent", "--kit", {str(kit)!r}, "--once", "--timeout", "20"]
         app()

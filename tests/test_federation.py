@@ -4,11 +4,12 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import make_client, small_config, small_split
+from helpers import make_client, message_is, small_config, small_split
 
 from fededge.federation.client import FederationClient
 from fededge.federation.server import FederationError, FederationServer
 from fededge.federation.strategies.fedmd import FedMDServer, announced_rows
+from fededge.transport.faults import Crash, FaultyTransport
 from fededge.transport.memory import MemoryHub
 from fededge.wire import envelope as proto
 from fededge.wire.messages import Payload
@@ -85,19 +86,17 @@ def test_hostile_uploads_are_rejected_and_the_round_still_closes(split):
 def test_a_client_that_dies_is_dropped_via_last_will(split):
     hub = MemoryHub()
     config = small_config(split, rounds=2, deadline_s=20)
+    topics = proto.Topics(config.federation)
     transports = [hub.connect(f"dev{i}", will=FederationClient.last_will(config.federation,
                                                                          f"dev{i}"))
                   for i in range(3)]
+    # dev2 dies right after reporting round 1: the hub publishes its Last Will
+    fatal = Crash(topics.up("dev2"), when=message_is(proto.KIND_METRICS, 1))
+    transports[2] = FaultyTransport(transports[2], fatal,
+                                    on_crash=lambda: clients[2].finished.set())
     clients = [make_client(t, split, i) for i, t in enumerate(transports)]
-    victim = clients[2]
-    original = victim._on_consensus
-
-    def die_after_first_consensus(msg):
-        original(msg)
-        transports[2].abort()       # crash: the hub publishes dev2's Last Will
-        victim.finished.set()
-    victim._on_consensus = die_after_first_consensus
     server, history = _run(hub, config, clients)
+    assert transports[2].crashed
     assert history[0].accepted == ["dev0", "dev1", "dev2"]
     assert history[1].accepted == ["dev0", "dev1"]
     assert history[1].seconds < config.deadline_s / 2, "the round waited for a dead client"

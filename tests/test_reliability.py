@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import make_client, small_config, small_split
+from helpers import make_client, message_is, small_config, small_split
 
 from fededge.federation.checkpoints import load_trainer_state, save_trainer_state
 from fededge.federation.client import FederationClient
@@ -20,7 +20,7 @@ from fededge.federation.strategies.fedmd import FedMDServer
 from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
 from fededge.sim.recipe import SimulationOptions, plan_participants, slowdown
-from fededge.transport.base import Transport
+from fededge.transport import faults
 from fededge.transport.memory import MemoryHub
 from fededge.wire import envelope as proto
 
@@ -34,31 +34,6 @@ def split():
 
 class Crash(BaseException):
     """Stands in for kill -9: escapes every handler and leaves the store as it was."""
-
-
-class FaultyTransport(Transport):
-    """Wraps a device's transport to drop its first upload or send every upload twice."""
-
-    def __init__(self, inner: Transport, *, drop_first: bool = False, duplicate: bool = False):
-        super().__init__()
-        self.inner, self.stats = inner, inner.stats
-        self.drop_first, self.duplicate = drop_first, duplicate
-        self.uploads: list[tuple[str, bytes]] = []
-
-    def publish(self, topic, payload, *, retain=False):
-        if "/up/" in topic and proto.decode(payload).kind == proto.KIND_UPLOAD:
-            self.uploads.append((topic, payload))
-            if self.drop_first and len(self.uploads) == 1:
-                return
-            if self.duplicate:
-                self.inner.publish(topic, payload, retain=retain)
-        self.inner.publish(topic, payload, retain=retain)
-
-    def subscribe(self, topic_filter, handler):
-        self.inner.subscribe(topic_filter, handler)
-
-    def close(self):
-        self.inner.close()
 
 
 def _will(config, device):
@@ -168,16 +143,22 @@ def test_lost_duplicate_and_late_uploads(split, tmp_path):
     closed. Nothing is counted twice, nothing waits for the deadline."""
     config = small_config(split, rounds=2, deadline_s=60, resend_s=0.5)
     hub = MemoryHub()
-    wrapped = {}
+    topics = proto.Topics(config.federation)
+    upload = message_is(proto.KIND_UPLOAD)
+    rules = {1: [faults.Drop(topics.up("dev1"), when=upload, count=1)],
+             2: [faults.Duplicate(topics.up("dev2"), when=upload)]}
+    clients = _clients(hub, split, config, tmp_path,
+                       lambda i, t: faults.FaultyTransport(t, *rules.get(i, [])))
+    wire, sent_by_dev0 = hub.connect("replayer"), []  # a broker re-delivering dev0's upload
 
-    def wrap(i, transport):
-        wrapped[i] = FaultyTransport(transport, drop_first=i == 1, duplicate=i == 2)
-        return wrapped[i]
-    clients = _clients(hub, split, config, tmp_path, wrap)
+    def keep(topic, payload):
+        if upload(topic, payload):
+            sent_by_dev0.append(payload)
+    wire.subscribe(topics.up("dev0"), keep)
 
     def replay_late(record):
         if record.round == 1:
-            wrapped[0].inner.publish(*wrapped[0].uploads[0])
+            wire.publish(topics.up("dev0"), sent_by_dev0[0])
     server = _server(hub, config, events=ServerEvents(on_round_closed=replay_late))
     history = server.run()
     _finish(clients)
@@ -191,16 +172,20 @@ def test_lost_duplicate_and_late_uploads(split, tmp_path):
     assert not server.rejections
 
 
-def _die_after_round_1(client, then=lambda: None):
-    """Make ``client`` crash (Last Will, no goodbye) right after absorbing round 1."""
-    original = client._on_consensus
+def _faulty(i, transport):
+    """``_clients(wrap=...)``: every device on a FaultyTransport, without faults yet."""
+    return faults.FaultyTransport(transport)
 
-    def die(msg):
-        original(msg)
-        client.transport.abort()   # the hub publishes the device's Last Will
-        client.finished.set()
+
+def _dies_after_round_1(client, then=lambda: None):
+    """Make ``client`` (on a FaultyTransport) crash right after reporting round 1: the hub
+    publishes its Last Will, nothing it sends or would receive passes any more."""
+    def died():
+        client.finished.set()  # its worker stops too, as the killed process's would
         then()
-    client._on_consensus = die
+    client.transport.on_crash = died
+    client.transport.add(faults.Crash(client.topics.up(client.identity.device_id),
+                                      when=message_is(proto.KIND_METRICS, 1)))
 
 
 def test_a_round_without_quorum_is_retried_never_faked(split, tmp_path):
@@ -209,7 +194,7 @@ def test_a_round_without_quorum_is_retried_never_faked(split, tmp_path):
     config = small_config(split, rounds=2, quorum=1.0, deadline_s=5.0, resend_s=0.5,
                           warmup_epochs=3)
     hub = MemoryHub()
-    clients = _clients(hub, split, config, tmp_path)
+    clients = _clients(hub, split, config, tmp_path, _faulty)
     store = Store(tmp_path / "state")
     revived = []
 
@@ -220,7 +205,8 @@ def test_a_round_without_quorum_is_retried_never_faked(split, tmp_path):
         watcher.close()
         transport = hub.connect("dev2", will=_will(config, "dev2"))
         revived.append(make_client(transport, split, 2, checkpoint_dir=tmp_path / "dev2").start())
-    _die_after_round_1(clients[2], threading.Thread(target=restart_when_attempt_2_opens).start)
+    _dies_after_round_1(clients[2], threading.Thread(target=restart_when_attempt_2_opens,
+                                                     daemon=True).start)
     server = _server(hub, config, store)
     history = server.run()
     _finish(clients[:2] + revived)
@@ -234,9 +220,9 @@ def test_no_quorum_in_any_attempt_stops_the_federation(split, tmp_path):
     config = small_config(split, rounds=2, quorum=0.6, deadline_s=1.5, max_attempts=2,
                           warmup_epochs=3)
     hub = MemoryHub()
-    clients = _clients(hub, split, config, tmp_path)
+    clients = _clients(hub, split, config, tmp_path, _faulty)
     for victim in clients[1:]:
-        _die_after_round_1(victim)
+        _dies_after_round_1(victim)
     server = _server(hub, config)
     with pytest.raises(FederationError, match=r"round 2 reached no quorum in 2 attempts \(1 of 2"):
         server.run()
@@ -251,13 +237,28 @@ def test_stragglers_sleep_by_their_relative_compute(split):
     factors = [slowdown(people, i, 0.5) for i in range(3)]
     ratio = people[2].profile.relative_compute / people[0].profile.relative_compute
     assert factors[2] == 0 and factors[0] == pytest.approx(0.5 * (ratio - 1))
-    client = make_client(MemoryHub().connect("dev0"), split, 0)
+    # A device whose evaluation takes 0.05 s, slowed down 2x: it sleeps 0.1 s more after each
+    # evaluation, and what it reports as compute (history and metrics) includes that sleep.
+    hub = MemoryHub()
+    config = small_config(split, rounds=1, warmup_epochs=1, distill_epochs=1, revisit_epochs=1)
+    client = make_client(hub.connect("dev0"), split, 0)
     client.slowdown = 2.0
-    started = time.monotonic()
-    client._timed(time.sleep, 0.05)
-    assert time.monotonic() - started >= 0.15
-    (lo, hi), = client._intervals
-    assert hi - lo >= 0.15, "the simulated slow compute must count as compute"
+    accuracy = client.trainer.accuracy
+
+    def evaluation_of_known_length(X, y):
+        time.sleep(0.05)
+        return accuracy(X, y)
+    client.trainer.accuracy = evaluation_of_known_length
+    client.start()
+    server = FederationServer(hub.connect("server"), config, FedMDServer(config),
+                              expected_clients=1)
+    server.run()
+    _finish([client])
+    assert [entry["round"] for entry in client.history] == [0, 1]
+    for entry in client.history:
+        *_, (lo, hi) = entry["compute_intervals"]   # the evaluation is the last compute step
+        assert hi - lo >= 0.15, "the simulated slow compute must count as compute"
+        assert server.metrics[entry["round"]]["dev0"]["compute_intervals"][-1] == [lo, hi]
 
 
 def _simulate(out, *extra):

@@ -58,7 +58,8 @@ OUTPUT_NAME = "logits"
 BATCH_AXIS = "batch"
 PARITY_ATOL = 1e-4
 INT8_MAX_LOSS = 0.01
-"""int8 losing more test accuracy than this (one point) is reported as a warning."""
+"""int8 losing more test accuracy than this (one point) is reported as a warning (the default
+of ``int8_max_loss``)."""
 QUANTIZE_CHOICES = ("int8",)
 CALIBRATION_BATCH = 32
 BUNDLE_FILES = ("run.py", "requirements.txt", "README.md")
@@ -141,11 +142,13 @@ class Int8Report:
     argmax_agreement: float
     quantized_layers: int
     calibration_samples: int
+    max_loss: float = INT8_MAX_LOSS
+    """The accuracy int8 may lose before it counts as lossy, as a fraction."""
 
     @property
     def lossy(self) -> bool:
-        """True when int8 loses more than ``INT8_MAX_LOSS``: say so rather than hide it."""
-        return self.accuracy_delta < -INT8_MAX_LOSS
+        """True when int8 loses more than ``max_loss``: say so rather than hide it."""
+        return self.accuracy_delta < -self.max_loss
 
 
 @dataclass(frozen=True)
@@ -172,11 +175,13 @@ def export_run(
     all_devices: bool = False,
     quantize: str | None = None,
     out: str | Path | None = None,
+    int8_max_loss: float = INT8_MAX_LOSS,
 ) -> list[ExportResult]:
     """Export one device's student (``device``) or every student (``all_devices``) of a run.
 
     With neither, a run with a single device exports it. Each student goes to
-    ``out/<device>/``; ``out`` defaults to ``RUN/export``.
+    ``out/<device>/``; ``out`` defaults to ``RUN/export``. An int8 model losing more than
+    ``int8_max_loss`` test accuracy is reported as lossy.
     """
     run_dir = Path(run_dir)
     if quantize not in (None, *QUANTIZE_CHOICES):
@@ -187,7 +192,8 @@ def export_run(
     data = EvalData.from_run(run_dir)
     out_root = Path(out) if out is not None else run_dir / "export"
     return [
-        _export_checkpoint(run_dir / "clients" / d, data, out_root / d, quantize) for d in devices
+        _export_checkpoint(run_dir / "clients" / d, data, out_root / d, quantize, int8_max_loss)
+        for d in devices
     ]
 
 
@@ -223,7 +229,7 @@ def _select_devices(known: list[str], device: str | None, all_devices: bool) -> 
 
 
 def _export_checkpoint(
-    client_dir: Path, data: EvalData, out_dir: Path, quantize: str | None
+    client_dir: Path, data: EvalData, out_dir: Path, quantize: str | None, int8_max_loss: float
 ) -> ExportResult:
     """Rebuild one device's student from its checkpoint and export it."""
     meta_path, weights_path = client_dir / "student.json", client_dir / "student.safetensors"
@@ -247,7 +253,8 @@ def _export_checkpoint(
         raise ExportError(
             f"{weights_path}: weights do not fit student {meta.student!r} ({last})"
         ) from None
-    return export_student(model, meta, data, out_dir, profile=profile, quantize=quantize)
+    return export_student(model, meta, data, out_dir, profile=profile, quantize=quantize,
+                          int8_max_loss=int8_max_loss)
 
 
 # ----------------------------------------------------------------------------- one student
@@ -261,8 +268,10 @@ def export_student(
     *,
     profile: DeviceProfile,
     quantize: str | None = None,
+    int8_max_loss: float = INT8_MAX_LOSS,
 ) -> ExportResult:
-    """Export, verify and (optionally) quantize one student into a complete bundle."""
+    """Export, verify and (optionally) quantize one student into a complete bundle; an int8
+    model losing more than ``int8_max_loss`` test accuracy is reported as lossy."""
     out_dir = Path(out_dir)
     if data.test_X.shape[1:] != meta.input_shape:
         raise ExportError(
@@ -286,7 +295,7 @@ def export_student(
     int8 = None
     if quantize == "int8":
         int8 = _quantize_int8(fp32_path, out_dir / runtime.INT8_FILE, data, preprocessing,
-                              fp32_logits)
+                              fp32_logits, int8_max_loss)
     _copy_bundle(out_dir)
     manifest = _manifest(model, meta, profile, preprocessing, verification, int8, out_dir)
     write_file(out_dir / runtime.MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -391,7 +400,7 @@ class _ProxyReader(CalibrationDataReader):
 
 def _quantize_int8(
     fp32_path: Path, int8_path: Path, data: EvalData, preprocessing: dict[str, Any],
-    fp32_logits: np.ndarray,
+    fp32_logits: np.ndarray, max_loss: float,
 ) -> Int8Report:
     """Static QDQ int8: per-channel int8 weights, uint8 activations (the u8s8 pairing every
     onnxruntime CPU build has kernels for), min/max ranges from the proxy set. The gain is
@@ -424,6 +433,7 @@ def _quantize_int8(
         argmax_agreement=float((logits.argmax(axis=1) == fp32_logits.argmax(axis=1)).mean()),
         quantized_layers=len(weighted) - len(keep_float),
         calibration_samples=len(data.public_X),
+        max_loss=max_loss,
     )
 
 

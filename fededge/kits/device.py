@@ -73,8 +73,14 @@ class ConfigGuard(Transport):
                 f"privacy settings allow (noise multiplier {self._floor_noise}); refusing to "
                 "take part")
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        return self.inner.flush(timeout)
+
     def close(self) -> None:
         self.inner.close()
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 @dataclass

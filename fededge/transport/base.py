@@ -79,6 +79,17 @@ class Transport(ABC):
     @abstractmethod
     def subscribe(self, topic_filter: str, handler: Handler) -> None: ...
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every publish made so far is acknowledged; False if some still are not
+        after ``timeout`` seconds. A transport that hands messages over synchronously (the
+        in-memory twin) has nothing pending; one that buffers (paho, a wrapper) overrides this."""
+        return True
+
     @abstractmethod
     def close(self) -> None:
         """Flush pending publishes and disconnect cleanly (no Last Will)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Vanish like a killed device: no flush, no goodbye, so the broker (or hub) publishes
+        the Last Will. Every transport has it, so a test or a supervisor can crash any of them."""

@@ -176,5 +176,11 @@ class ChunkingTransport(Transport):
 
         self.inner.subscribe(topic_filter, receive)
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        return self.inner.flush(timeout)
+
     def close(self) -> None:
         self.inner.close()
+
+    def abort(self) -> None:
+        self.inner.abort()

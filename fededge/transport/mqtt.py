@@ -15,15 +15,6 @@ from fededge.transport.base import Handler, Transport, TransportError
 log = logging.getLogger(__name__)
 
 
-def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
-    """Whether the broker acknowledged a QoS-1 publish. A publish made while disconnected keeps
-    rc NO_CONN even after paho re-sent it on reconnect, and paho's ``is_published()`` raises for
-    it; its PUBACK still sets the flag read here."""
-    if info.rc == mqtt.MQTT_ERR_NO_CONN:
-        return bool(info._published)
-    return info.is_published()
-
-
 @dataclass(frozen=True)
 class TlsConfig:
     """Paths of the CA certificate and, for mutual TLS, this endpoint's certificate and key."""
@@ -34,7 +25,16 @@ class TlsConfig:
 
 
 class MqttTransport(Transport):
-    """paho-mqtt 2.x client: QoS 1, automatic reconnect, resubscribe on every (re)connect."""
+    """paho-mqtt 2.x client: QoS 1, automatic reconnect, resubscribe on every (re)connect.
+
+    Acknowledgements are tracked by message id through paho's ``on_publish`` callback, not
+    through the ``MQTTMessageInfo`` that ``publish()`` returns: a publish made while
+    disconnected gets ``rc == MQTT_ERR_NO_CONN``, paho keeps the message and re-sends it after
+    the reconnect under the same mid, but never updates that rc, so ``is_published()`` and
+    ``wait_for_publish()`` raise for it even once the broker has acknowledged it. The PUBACK
+    of the re-sent message still calls ``on_publish`` with that mid (paho 2.x
+    ``_handle_pubackcomp`` → ``_do_on_publish``), for a first send and a re-send alike.
+    """
 
     def __init__(self, client_id: str, host: str, port: int, *, username: str | None = None,
                  password: str | None = None, tls: TlsConfig | None = None,
@@ -46,7 +46,12 @@ class MqttTransport(Transport):
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._refused: str | None = None
-        self._pending: list[mqtt.MQTTMessageInfo] = []
+        # mids of QoS-1 publishes the broker has not acknowledged yet, and acknowledgements
+        # that arrived before publish() could record their mid: paho's network thread may
+        # handle the PUBACK between paho's publish() returning and our recording it.
+        self._acks = threading.Condition()
+        self._unacked: set[int] = set()
+        self._acked_early: set[int] = set()
         self._keepalive = keepalive
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                              clean_session=clean_session, protocol=mqtt.MQTTv311)
@@ -63,6 +68,7 @@ class MqttTransport(Transport):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         self._client = client
 
     def connect(self, timeout: float = 10.0) -> "MqttTransport":
@@ -101,6 +107,21 @@ class MqttTransport(Transport):
             log.info("%s lost its broker connection (%s); reconnecting", self.client_id,
                      reason_code)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up right now (paho reconnects on its own)."""
+        return self._connected.is_set()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """The broker acknowledged the QoS-1 publish ``mid`` (runs on paho's thread, which
+        holds paho's message lock: take only our own lock here, never call into paho)."""
+        with self._acks:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+                self._acks.notify_all()
+            else:
+                self._acked_early.add(mid)
+
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.stats.record(message.topic, message.payload, sent=False)
         with self._lock:
@@ -130,20 +151,19 @@ class MqttTransport(Transport):
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         self.stats.record(topic, payload, sent=True)
-        with self._lock:
-            self._pending = [p for p in self._pending if not _acknowledged(p)]
-            self._pending.append(info)
+        with self._acks:  # not held across paho's publish(): its PUBACK handler takes it
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+            else:
+                self._unacked.add(info.mid)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every QoS-1 publish is acknowledged; False if some are still pending."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            pending = list(self._pending)
-        while not all(_acknowledged(p) for p in pending):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        """Wait until every QoS-1 publish made before this call is acknowledged by the broker,
+        also one made while disconnected or cut off by a reconnect (paho re-sends it); False
+        if some still are not after ``timeout`` seconds."""
+        with self._acks:
+            waiting = set(self._unacked)
+            return self._acks.wait_for(lambda: not waiting & self._unacked, timeout)
 
     def close(self) -> None:
         self.flush()
