@@ -7,8 +7,16 @@ import time
 import pytest
 
 from fededge.transport.brokers import EmbeddedBroker
-from fededge.transport.faults import (PUBLISH, RECEIVE, Crash, Delay, Drop, Duplicate,
-                                      FaultyTransport, Rule)
+from fededge.transport.faults import (
+    PUBLISH,
+    RECEIVE,
+    Crash,
+    Delay,
+    Drop,
+    Duplicate,
+    FaultyTransport,
+    Rule,
+)
 from fededge.transport.memory import MemoryHub
 from fededge.transport.mqtt import MqttTransport
 

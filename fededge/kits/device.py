@@ -24,13 +24,13 @@ from fededge.learn.data import FederatedSplit, load_private_npz
 from fededge.learn.privacy import worst_case_mu
 from fededge.learn.zoo import estimate_cost
 from fededge.profiles import get_profile, usable_threads
-from fededge.transport.base import Handler, Transport
+from fededge.transport.base import Handler, Transport, TransportWrapper
 from fededge.wire.envelope import decode
 from fededge.wire.messages import ConfigMessage
 from fededge.wire.topics import ProtocolError, Topics
 
 
-class ConfigGuard(Transport):
+class ConfigGuard(TransportWrapper):
     """Holds back a federation config that would release more than the device agreed to.
 
     Local DP is only local if the device, not the server, decides the noise: the server's
@@ -39,14 +39,10 @@ class ConfigGuard(Transport):
     """
 
     def __init__(self, inner: Transport, federation: str, floor: FederationConfig) -> None:
-        super().__init__()
-        self.inner, self.stats = inner, inner.stats
+        super().__init__(inner)
         self._config_topic = Topics(federation).config
         self._floor, self._floor_noise = worst_case_mu(floor), floor.ldp_noise_multiplier
         self.refusal: str | None = None
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.inner.publish(topic, payload, retain=retain)
 
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
         if topic_filter != self._config_topic:
@@ -72,15 +68,6 @@ class ConfigGuard(Transport):
                 f"{offered.rounds} rounds) releases more than this kit's local differential "
                 f"privacy settings allow (noise multiplier {self._floor_noise}); refusing to "
                 "take part")
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        return self.inner.flush(timeout)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def abort(self) -> None:
-        self.inner.abort()
 
 
 @dataclass

@@ -93,3 +93,29 @@ class Transport(ABC):
     def abort(self) -> None:
         """Vanish like a killed device: no flush, no goodbye, so the broker (or hub) publishes
         the Last Will. Every transport has it, so a test or a supervisor can crash any of them."""
+
+
+class TransportWrapper(Transport):
+    """A transport that adds one behaviour to another (chunking, fault injection, a config
+    guard): everything it does not override passes through, and byte counts are the inner
+    transport's, what really crossed the wire."""
+
+    def __init__(self, inner: Transport) -> None:
+        super().__init__()
+        self.inner = inner
+        self.stats = inner.stats
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.inner.publish(topic, payload, retain=retain)
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        self.inner.subscribe(topic_filter, handler)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        return self.inner.flush(timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def abort(self) -> None:
+        self.inner.abort()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from fededge.config import MAX_PAYLOAD
 from fededge.errors import FedEdgeError
-from fededge.transport.base import Handler, Transport
+from fededge.transport.base import Handler, Transport, TransportWrapper
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Reassembler:
         return pending
 
 
-class ChunkingTransport(Transport):
+class ChunkingTransport(TransportWrapper):
     """Any transport, with payloads over ``max_payload`` bytes sent as chunks and reassembled
     on receive (ordinary payloads pass through untouched)."""
 
@@ -145,9 +145,8 @@ class ChunkingTransport(Transport):
                  timeout_s: float = 60.0) -> None:
         if max_payload < MIN_PAYLOAD:
             raise ValueError(f"max_payload must be at least {MIN_PAYLOAD} bytes, got {max_payload}")
-        super().__init__()
-        self.inner, self.max_payload = inner, max_payload
-        self.stats = inner.stats  # the wire bytes, chunk headers included
+        super().__init__(inner)  # byte counts: the wire bytes, chunk headers included
+        self.max_payload = max_payload
         self._limits = (max_message, max_pending, timeout_s)
         self.rejected = 0
 
@@ -175,12 +174,3 @@ class ChunkingTransport(Transport):
                 handler(topic, whole)
 
         self.inner.subscribe(topic_filter, receive)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        return self.inner.flush(timeout)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def abort(self) -> None:
-        self.inner.abort()

@@ -32,7 +32,7 @@ from typing import Callable, Literal
 
 import paho.mqtt.client as mqtt
 
-from fededge.transport.base import Handler, Transport
+from fededge.transport.base import Handler, Transport, TransportWrapper
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class _Counter:
         return take
 
 
-class FaultyTransport(Transport):
+class FaultyTransport(TransportWrapper):
     """``inner`` with the faults of ``rules`` injected; see the module docstring.
 
     ``seed`` makes probabilistic drops repeatable; ``on_crash`` is called (on the thread that
@@ -126,8 +126,7 @@ class FaultyTransport(Transport):
 
     def __init__(self, inner: Transport, *rules: Rule, seed: int = 0,
                  on_crash: Callable[[], None] | None = None) -> None:
-        super().__init__()
-        self.inner, self.stats = inner, inner.stats
+        super().__init__(inner)
         self.on_crash = on_crash
         self._counters = [_Counter(_checked(rule)) for rule in rules]
         self._rng = random.Random(seed)
