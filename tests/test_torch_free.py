@@ -50,8 +50,10 @@ def test_the_embedded_broker_without_torch(tmp_path):
                             env=blocked_env(tmp_path, NO_TORCH), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for_port("127.0.0.1", port, 30), proc.stdout.read() if proc.poll() else ""
+        first = proc.stdout.readline()  # printed once the broker listens
+        assert "development broker listening" in first, first + proc.stdout.read()
+        assert wait_for_port("127.0.0.1", port, 10)
     finally:
         proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=20)[0]
+        output = proc.communicate(timeout=60)[0]
     assert "Traceback" not in output, output
