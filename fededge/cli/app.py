@@ -3,8 +3,6 @@ user can cause are printed as one line naming the bad input, never as a tracebac
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -130,19 +128,17 @@ def simulate(
 
 
 def _settings(items: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` federation settings; values parse as JSON (numbers, true/false) or text."""
-    from fededge.config import FederationConfig
+    """``KEY=VALUE`` federation settings, each typed and range-checked by the one schema
+    (``config.FederationConfig``); the first bad one ends the command with its reason."""
+    from fededge.config import ConfigError, parse_assignment
 
-    known = {f.name for f in dataclasses.fields(FederationConfig)}
     settings: dict[str, object] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
         try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
+            key, value = parse_assignment(item)
+        except ConfigError as exc:
+            fail(exc)
+        settings[key] = value
     return settings
 
 
