@@ -58,9 +58,13 @@ class FedMDServer(ServerStrategy):
 
     def check(self, reply: Reply) -> None:
         counts = reply.payload.tensors.get("class_counts")
-        if counts is not None and ((counts < 0).any() or int(counts.sum()) != reply.samples):
-            raise ProtocolError(f"class_counts {counts.tolist()} are negative or do not sum to "
-                                f"the {reply.samples} samples declared")
+        if counts is not None:
+            # Python ints: an int64 sum of [2**62] * 4 + ... wraps around to anything.
+            values = [int(c) for c in counts.tolist()]
+            if any(not 0 <= c <= reply.samples for c in values) or sum(values) != reply.samples:
+                raise ProtocolError(f"class_counts do not sum to the {reply.samples} samples "
+                                    f"declared, or one is negative or exceeds them: "
+                                    f"{str(values)[:120]}")
         self.codec.decode(reply.payload.tensors)
 
     def aggregate(self, rnd: int, announcement: Payload, replies: list[Reply]) -> Payload:
