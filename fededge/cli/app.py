@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fededge.cli.model import export_cmd, infer_cmd
-from fededge.cli.output import console, fail
+from fededge.cli.output import console, fail, interruptible
 from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes, rounds_table
 
@@ -120,7 +120,9 @@ def simulate(
                                 status=f"round {row.round}: mean accuracy "
                                        f"{100 * (row.mean_accuracy or 0):.1f}%")
         try:
-            result = run_simulation(opts, on_round)
+            with interruptible(f"the state is kept in {out}: run the same command (same "
+                               "--out) to resume"):
+                result = run_simulation(opts, on_round)
         except FedEdgeError as exc:
             progress.stop()
             fail(exc)

@@ -59,6 +59,10 @@ class FederationError(FedEdgeError, RuntimeError):
     """The federation cannot go on (too few clients); never raised for a bad payload."""
 
 
+class FederationAborted(FederationError):
+    """``abort`` was called (a failed device or broker, Ctrl-C): the state so far is kept."""
+
+
 @dataclass
 class RoundRecord:
     round: int
@@ -133,6 +137,7 @@ class FederationServer:
         self._resend_s = self.config.resend_s or self.config.deadline_s / 4
         self._open: _OpenRound | None = None
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._abort: str | None = None
         transport.subscribe(self.topics.all_up, self._enqueue)
         transport.subscribe(self.topics.all_presence, self._enqueue)
 
@@ -145,6 +150,16 @@ class FederationServer:
     def accepted_uploads(self) -> int:
         return self.store.count("accepted", "upload")
 
+    def abort(self, reason: str) -> None:
+        """Stop ``run`` within a moment, from any thread: it raises ``FederationAborted`` with
+        ``reason``. Everything recorded so far stays, so a new server resumes the run."""
+        self._abort = reason
+        self._inbox.put(("", b""))  # wakes the loop
+
+    def _check_abort(self) -> None:
+        if self._abort is not None:
+            raise FederationAborted(self._abort)
+
     # -- inbox ---------------------------------------------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:
         self._inbox.put((topic, payload))
@@ -154,6 +169,7 @@ class FederationServer:
         waits it re-publishes the retained state every ``resend_s`` (see the module doc)."""
         next_refresh = time.monotonic() + self._resend_s
         while True:
+            self._check_abort()
             self._expire_offline()
             if done():
                 return True
@@ -168,17 +184,20 @@ class FederationServer:
                     timeout=max(0.001, min(deadline, next_refresh, now + 0.25) - now))
             except queue.Empty:
                 continue
-            self._handle(topic, payload)
+            if topic:
+                self._handle(topic, payload)
 
     def _drain(self, done: Callable[[], bool]) -> bool:
         """At the deadline: what already arrived counts, even if this loop was late to read it
         (a stalled or suspended server)."""
         while not done():
+            self._check_abort()
             try:
                 topic, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return False
-            self._handle(topic, payload)
+            if topic:
+                self._handle(topic, payload)
         return True
 
     def _handle(self, topic: str, payload: bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from fededge.config import FederationConfig
 from fededge.federation import wiring
 from fededge.federation.client import FederationClient
 from fededge.federation.report import RoundRow, round_rows, union_seconds, write_plot
-from fededge.federation.server import FederationServer, ServerEvents
+from fededge.federation.server import FederationAborted, FederationServer, ServerEvents
 from fededge.federation.store import Store, StoreError
 from fededge.federation.strategies import strategy_pair
 from fededge.federation.strategies.base import ServerStrategy
@@ -94,7 +95,7 @@ def run_simulation(opts: SimulationOptions,
                  if opts.baselines else None)
     store = wiring.open_store(out)
     try:
-        fed = _federate(opts, plan, store, out, on_round)
+        fed = _federate(opts, plan, store, out, on_round, baselines)
         rows = round_rows(fed.server.metrics, fed.server.history)
         local_acc, central_acc = [], []
         if baselines is not None:
@@ -102,6 +103,8 @@ def run_simulation(opts: SimulationOptions,
             local_acc, central_acc = baselines.result()
         summary = _summary(opts, plan, fed, rows, local_acc, central_acc, started)
     finally:
+        if baselines is not None:
+            baselines.stop()
         store.close()
     _write_outputs(out, plan, rows, summary, fed.config)
     return SimulationResult(summary, rows, out)
@@ -137,11 +140,13 @@ def _chunked(transport: MqttTransport, opts: SimulationOptions) -> Transport:
 
 
 def _federate(opts: SimulationOptions, plan: _Plan, store: Store, out: Path,
-              on_round: Progress) -> _Federated:
+              on_round: Progress, baselines: BackgroundBaselines | None) -> _Federated:
     """Broker, server and one client per device, run to the federation's end."""
     with ExitStack() as stack:
         broker = _start_broker(opts.broker)
         stack.callback(broker.stop)
+        clients: list[FederationClient] = []
+        stack.callback(lambda: [client.stop() for client in clients])  # before the broker
 
         def connect(client_id: str, will: tuple[str, bytes] | None = None) -> Transport:
             transport = MqttTransport(client_id, broker.host, broker.port, will=will).connect()
@@ -164,14 +169,14 @@ def _federate(opts: SimulationOptions, plan: _Plan, store: Store, out: Path,
         config = server.config  # on resume: the stored run, with its run_id
         if server.resumed_from_round is not None:
             on_round(None, f"resuming at round {server.resumed_from_round}")
-        clients = [device_client(plan.people, i, plan.split, plan.dataset, config,
-                                 connect(p.device_id,
-                                         will=FederationClient.last_will(config.federation,
-                                                                         p.device_id)),
-                                 out / "clients" / p.device_id, opts.straggle).start()
-                   for i, p in enumerate(plan.people)]
+        clients += [device_client(plan.people, i, plan.split, plan.dataset, config,
+                                  connect(p.device_id,
+                                          will=FederationClient.last_will(config.federation,
+                                                                          p.device_id)),
+                                  out / "clients" / p.device_id, opts.straggle).start()
+                    for i, p in enumerate(plan.people)]
         started = time.time()
-        server.run()
+        _run_watched(server, clients, broker, baselines, out)
         for client in clients:
             client.wait(timeout=config.deadline_s)
         ended = time.time()
@@ -180,6 +185,56 @@ def _federate(opts: SimulationOptions, plan: _Plan, store: Store, out: Path,
             raise SimulationError(f"clients {[c.identity.device_id for c in failed]} failed: "
                                   f"{failed[0].error}")
     return _Federated(server, config, started, ended)
+
+
+WATCH_S = 0.2
+
+
+def _run_watched(server: FederationServer, clients: list[FederationClient],
+                 broker: EmbeddedBroker | MosquittoBroker,
+                 baselines: BackgroundBaselines | None, out: Path) -> None:
+    """Run the server in a thread while this one watches every other part of the run: a
+    device whose worker failed (a NaN loss), a broker that stopped or failed baselines abort
+    the server within ``WATCH_S`` with that reason, and so does Ctrl-C (or SIGTERM, turned
+    into it by the command). Nothing is left waiting for a part that is gone."""
+    outcome: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            outcome.append(exc)
+    thread = threading.Thread(target=serve, name="server", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(WATCH_S)
+            failure = _failure(clients, broker, baselines)
+            if failure is not None:
+                server.abort(failure)
+    except KeyboardInterrupt:
+        server.abort("interrupted")
+        thread.join()
+        raise
+    if outcome:
+        exc = outcome[0]
+        if isinstance(exc, FederationAborted):
+            raise SimulationError(f"{exc}; {out} keeps the rounds done so far: fix the cause "
+                                  "and run the same command to resume") from None
+        raise exc
+
+
+def _failure(clients: list[FederationClient], broker: EmbeddedBroker | MosquittoBroker,
+             baselines: BackgroundBaselines | None) -> str | None:
+    """The first part of the run that failed, as one line, or None."""
+    for client in clients:
+        if client.error is not None:
+            return f"device {client.identity.device_id} failed: {client.error}"
+    if broker.failure() is not None:
+        return broker.failure()
+    if baselines is not None and baselines.error is not None:
+        return f"the baselines failed: {baselines.error}"
+    return None
 
 
 def _summary(opts: SimulationOptions, plan: _Plan, fed: _Federated, rows: list[RoundRow],

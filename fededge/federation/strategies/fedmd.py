@@ -15,7 +15,7 @@ from fededge.federation.strategies.base import (
 from fededge.learn.aggregate import SHARPENED_AGGREGATORS, get_aggregator
 from fededge.learn.privacy import LocalPrivacy
 from fededge.wire.codecs import codec_for
-from fededge.wire.envelope import TensorSpec
+from fededge.wire.envelope import Message, TensorSpec, require_tensors
 from fededge.wire.messages import Payload, decode_rows, encode_rows
 from fededge.wire.topics import ProtocolError
 
@@ -104,6 +104,10 @@ class FedMDClient(ClientStrategy):
 
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
         rows = ctx.public_X[announced_rows(announcement, len(ctx.public_X))]
+        # A consensus is checked as strictly as an upload: a hostile broker or server gets it
+        # ignored (ProtocolError), never a crashed device.
+        require_tensors(Message("consensus", "server", 0, {}, consensus.tensors),
+                        self.codec.specs(len(rows)))
         teacher = self.codec.decode(consensus.tensors)
         ctx.trainer.distill(rows, teacher, epochs=self.config.distill_epochs,
                             temperature=self.config.temperature, alpha=1.0)
