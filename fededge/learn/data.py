@@ -178,7 +178,7 @@ def _check_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
         header = member.tell()
     if dtype.hasobject:
         raise DataError(f"{path}: member {name} holds Python objects (dtype {dtype}); fededge "
-                        "loads no pickles: store numbers and strings only")
+                        "loads no pickled objects: store numbers and strings only")
     count = 1
     for side in shape:
         count *= side
