@@ -132,7 +132,7 @@ def simulate(
 def _settings(items: list[str]) -> dict[str, object]:
     """``KEY=VALUE`` federation settings, each typed and range-checked by the one schema
     (``config.FederationConfig``); the first bad one ends the command with its reason."""
-    from fededge.config import ConfigError, parse_assignment
+    from fededge.config import ConfigError, FederationConfig, parse_assignment
 
     settings: dict[str, object] = {}
     for item in items:
@@ -141,6 +141,10 @@ def _settings(items: list[str]) -> dict[str, object]:
         except ConfigError as exc:
             fail(exc)
         settings[key] = value
+    try:  # what one setting cannot say alone (resend_s against its floor, ldp_* together)
+        FederationConfig().replace(**settings)
+    except ConfigError as exc:
+        fail(f"--set: {exc}")
     return settings
 
 

@@ -191,9 +191,12 @@ def load_federation_file(path: str | Path) -> FederationSpec:
     """Parse and check a federation file; every error names the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FederationFileError(f"{path}: cannot read federation file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise FederationFileError(f"{path}: not a TOML text file (byte {exc.start} is not "
+                                  "UTF-8); pass the federation file") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -172,7 +172,7 @@ def _check_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
             else:
                 raise ValueError(f"unsupported .npy version {version}")
-        except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+        except Exception as exc:  # numpy's header parser raises many kinds (TokenError...)
             raise DataError(f"{path}: member {name} is not a .npy array ({str(exc)[:120]}); "
                             "save with numpy.savez(path, X=X, y=y)") from None
         header = member.tell()

@@ -114,6 +114,9 @@ def _prepare(opts: SimulationOptions) -> _Plan:
     """Validate the options and derive the split, the config and the devices (seeded)."""
     if opts.clients < 1:
         raise SimulationError(f"--clients must be at least 1, got {opts.clients}")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise SimulationError(f"--out {opts.out}: exists and is not a directory; choose "
+                              "another run directory")
     if opts.broker not in BROKERS:
         raise SimulationError(f"unknown broker {opts.broker!r}; choose one of: "
                               f"{', '.join(BROKERS)}")
