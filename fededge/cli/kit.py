@@ -131,7 +131,7 @@ def server_cmd(
     join_timeout: float = typer.Option(300.0, help="Seconds to wait for the devices to join."),
 ) -> None:
     """Run the federation server from its kit: publish the config, drive every round."""
-    from fededge.federation.report import rounds_table
+    from fededge.cli.tables import rounds_table
     from fededge.federation.server import ServerEvents
     from fededge.kits.kit import load_kit
     from fededge.kits.run import run_server
@@ -147,7 +147,7 @@ def server_cmd(
                           events=ServerEvents(on_round_closed=closed))
     except FedEdgeError as exc:
         fail(exc)
-    console.print(rounds_table(done.rows, title="Per-round results (all devices)"))
+    console.print(rounds_table(console, done.rows, title="Per-round results (all devices)"))
     console.print(f"federation done: {done.rounds} rounds, {done.accepted} uploads accepted, "
                   f"{done.rejected} rejected", highlight=False)
 
