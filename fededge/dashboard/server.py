@@ -42,6 +42,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def required_token(host: str, token: str | None) -> str | None:
+    """The token ``host`` needs: none on loopback (unless one is given), else the given one
+    or a fresh random one."""
+    if token or is_loopback(host):
+        return token or None
+    return secrets.token_urlsafe(16)
+
+
 class _TokenGate:
     """Every request but the vendored static files must carry the token."""
 
@@ -96,8 +104,7 @@ class DashboardServer:
 
     def __init__(self, source: Source, *, host: str = "127.0.0.1", port: int = 0,
                  token: str | None = None) -> None:
-        if not is_loopback(host) and not token:
-            token = secrets.token_urlsafe(16)
+        token = required_token(host, token)
         self._socket = _bind(host, port)
         self.address = Address(host, self._socket.getsockname()[1], token)
         config = uvicorn.Config(build_app(source, host=host, token=token), log_level="warning",

@@ -124,18 +124,21 @@ function accuracyChart(s) {
   const series = [
     { label: "round" },
     { label: "mean", stroke: "#2f6fdf", width: 2, points: { show: true, size: 5 } },
-    { label: "min", stroke: "rgba(47,111,223,0.35)", width: 1 },
-    { label: "max", stroke: "rgba(47,111,223,0.35)", width: 1 },
+    { label: "min", stroke: "rgba(47,111,223,0.35)", width: 1, points: { show: false } },
+    { label: "max", stroke: "rgba(47,111,223,0.35)", width: 1, points: { show: false } },
     { label: "local-only" + (ref.local_only === null ? " (not yet known)" : ""),
-      stroke: "#e67e22", width: 1.5, dash: [6, 4], show: ref.local_only !== null },
+      stroke: "#e67e22", width: 1.5, dash: [6, 4], show: ref.local_only !== null,
+      points: { show: false } },
     { label: "centralized" + (ref.centralized === null ? " (not yet known)" : ""),
-      stroke: "#555", width: 1.5, dash: [2, 3], show: ref.centralized !== null },
+      stroke: "#555", width: 1.5, dash: [2, 3], show: ref.centralized !== null,
+      points: { show: false } },
   ];
   charts.accKey = key;
   charts.acc = new uPlot({
     width: chartWidth("acc-chart"), height: 260, series, legend: { live: false },
     bands: [{ series: [3, 2], fill: "rgba(47,111,223,0.12)" }],
-    scales: { x: { time: false, range: padded }, y: { range: [0, 100] } },
+    scales: { x: { time: false, range: padded },
+              y: { range: (u, lo, hi) => [Math.max(0, Math.floor((lo - 5) / 10) * 10), 100] } },
     axes: [roundAxis, { label: "%" }],
   }, data, $("acc-chart"));
 }
