@@ -46,14 +46,14 @@ def fit_table(console: Console, cols: Sequence[Col], rows: Sequence[Sequence[str
         table = _table(cols, rows, shown, title, short=True)
         if _width(console, table) <= width:
             left_out = ", ".join(cols[i].header for i in range(len(cols)) if i not in shown)
-            return Group(table, Text(f"left out at {width} columns: {left_out} (wider: "
-                                     f"COLUMNS=160)", style="dim"))
+            return Group(table, _wrapping(f"left out at {width} columns: {left_out} "
+                                          "(wider: COLUMNS=160)", style="dim"))
     return _plain(cols, rows, title)
 
 
 def _table(cols: Sequence[Col], rows: Sequence[Sequence[str]], shown: list[int],
            title: str | None, short: bool) -> Table:
-    table = Table(title=title)
+    table = Table(title=_wrapping(title, style="table.title") if title else None)
     for i in shown:
         col = cols[i]
         table.add_column((col.short or col.header) if short else col.header,
@@ -61,6 +61,12 @@ def _table(cols: Sequence[Col], rows: Sequence[Sequence[str]], shown: list[int],
     for row in rows:
         table.add_row(*(row[i] for i in shown))
     return table
+
+
+def _wrapping(text: str, style: str) -> Text:
+    """Text that wraps at the console's width even where the console prints long lines whole
+    (``soft_wrap``, for paths)."""
+    return Text(text, style=style, no_wrap=False, overflow="fold")
 
 
 def _width(console: Console, table: Table) -> int:
@@ -75,8 +81,8 @@ def _width(console: Console, table: Table) -> int:
 def _plain(cols: Sequence[Col], rows: Sequence[Sequence[str]],
            title: str | None) -> RenderableType:
     """One block per row: its first column, then ``header: value`` for the rest."""
-    lines = [Text(title, style="italic")] if title else []
-    for row in rows:
+    lines = [_wrapping(title, style="italic")] if title else []
+    for row in rows:  # printed whole by fededge's console (soft_wrap), even past the width
         lines.append(Text.from_markup(row[0], style="bold"))
         lines += [Text.assemble(f"  {col.header}: ", Text.from_markup(value))
                   for col, value in zip(cols[1:], row[1:])]
