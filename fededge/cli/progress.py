@@ -9,14 +9,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 from fededge.cli.output import err_console
 from fededge.sim.progress import Step, eta_text, print_steps
@@ -30,10 +24,13 @@ def simulation_progress() -> Iterator[Callable[[Step], None]]:
     if not err_console.is_terminal or err_console.quiet:
         yield print_steps(lambda line: err_console.print(escape(line), highlight=False))
         return
-    bars = Progress(TextColumn("[bold]{task.description:<9}"), BarColumn(bar_width=24),
-                    MofNCompleteColumn(), TextColumn("{task.fields[unit]:<7}"),
-                    TimeElapsedColumn(), TextColumn("{task.fields[eta]}"),
-                    TextColumn("{task.fields[status]}"), console=err_console)
+    # Fixed columns first; the status takes what is left of the width and is cut last.
+    bars = Progress(TextColumn("[bold]{task.description:<9}"), BarColumn(bar_width=16),
+                    TextColumn("{task.completed:>3}/{task.total:<3} {task.fields[unit]:<7}"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[eta]:<11}"),
+                    TextColumn("{task.fields[status]}", table_column=Column(
+                        ratio=1, no_wrap=True, overflow="ellipsis")),
+                    console=err_console, expand=True)
     tasks: dict[str, TaskID] = {}
 
     def on_step(step: Step) -> None:

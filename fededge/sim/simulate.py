@@ -123,7 +123,7 @@ def run_simulation(opts: SimulationOptions, on_step: OnStep = lambda step: None,
     for stale in (SUMMARY_FILE, BASELINES_FILE):  # an earlier run's: rewritten by this one
         (out / stale).unlink(missing_ok=True)
     phases.step("data", 1, 1, f"{len(plan.split.clients)} devices, "
-                              f"{len({p.student for p in plan.people})} student architectures, "
+                              f"{len({p.student for p in plan.people})} students, "
                               f"{plan.dataset} ({opts.partition} split), {opts.broker} broker")
     baselines = (BackgroundBaselines(plan.people, plan.split, plan.config, opts.seed,
                                      on_progress=lambda done, total: phases.step(
