@@ -1,5 +1,6 @@
 """Take docs/dashboard.png: the dashboard of a demo-sized `fededge simulate --dashboard` run
-(10 devices, 20 rounds, baselines on), shot by headless Chromium once half the rounds are done. Run by `make screenshot`; needs the Debian package chromium.
+(10 devices, 20 rounds, baselines on), shot by headless Chromium once half the rounds are
+done. Run by `make screenshot`; needs the Debian package chromium.
 
     python docs/dashboard_screenshot.py docs/dashboard.png
 """

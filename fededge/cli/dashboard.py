@@ -3,13 +3,12 @@ Ctrl-C. Torch-free, like the server it watches (``fededge[dashboard]`` on an edg
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from fededge.cli.output import console, err_console, fail
+from fededge.cli.output import console, err_console, fail, note
 from fededge.errors import FedEdgeError
 
 TOKEN_ENV = "FEDEDGE_DASHBOARD_TOKEN"
@@ -31,12 +30,16 @@ def dashboard_cmd(
     """Serve a live web page of a federation (devices, rounds, accuracy, traffic, rejections)."""
     from fededge.dashboard.server import DashboardServer
     from fededge.dashboard.state import Source
+    from fededge.federation.store import Store
 
     try:
-        server = DashboardServer(Source.of(source, state), host=host, port=port,
-                                 token=token or os.environ.get(TOKEN_ENV) or None)
+        where = Source.of(source, state)
+        server = DashboardServer(where, host=host, port=port, token=token or None)
     except FedEdgeError as exc:
         fail(exc)
+    if not Store.exists(where.store_dir):
+        note(f"{where.store_dir} holds no server state yet; the page fills in once a run "
+             "starts there")
     console.print(f"dashboard of {source} at {server.url} (Ctrl-C to stop)", highlight=False)
     if server.address.token and not token:
         err_console.print("a random token guards this address; the URL above carries it",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
 from fededge.cli.output import console, fail
 from fededge.cli.tables import Col, fit_table
 from fededge.edge import service

@@ -79,8 +79,9 @@ def build_app(source: Source, *, host: str, token: str | None) -> Starlette:
     def state(request: Request) -> Response:
         return JSONResponse(snapshot(source), headers={"Cache-Control": "no-store"})
 
+    names = {f"[{host}]" if ":" in host else host, "localhost", "127.0.0.1", "[::1]"}
     middleware = [Middleware(_TokenGate, token=token)] if token else [
-        Middleware(TrustedHostMiddleware, allowed_hosts=sorted({host, "localhost", "127.0.0.1"}))]
+        Middleware(TrustedHostMiddleware, allowed_hosts=sorted(names))]
     return Starlette(routes=[Route("/", page), Route("/api/state", state),
                              Mount("/static", StaticFiles(directory=STATIC), name="static")],
                      middleware=middleware)

@@ -44,7 +44,7 @@ from fededge.files import atomic_write
 from fededge.learn.data import FederatedSplit
 from fededge.learn.privacy import privacy_report
 from fededge.sim.baselines import BackgroundBaselines, References
-from fededge.sim.progress import OnStep, Phases, Step
+from fededge.sim.progress import OnStep, Phases
 from fededge.sim.recipe import (
     BROKERS,
     Participant,
