@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fededge.dashboard.server import DashboardServer, is_loopback, required_token
-from fededge.dashboard.state import Source
+from fededge.dashboard.state import Source, snapshot
 from fededge.transport.brokers import free_port, wait_for_port
 
 ROUNDS, CLIENTS = 8, 3
@@ -168,3 +168,47 @@ def test_loopback_answers_only_its_own_host_name(tmp_path):
         assert state["status"] == "preparing" and state["devices"] == []
         status, _ = _get(server.url + "api/state", {"Host": "attacker.example"})
         assert status == 400  # DNS rebinding: a page of another site cannot read it
+
+
+def test_the_state_of_a_store_as_a_server_writes_it(tmp_path):
+    """Presence kept through a Last Will, a rejected upload with its reason, the open round,
+    an ETA from the closed ones: what the page shows of a kit's server between rounds."""
+    from fededge.config import FederationConfig
+    from fededge.federation.store import Store
+
+    store = Store(tmp_path)
+    config, _ = store.begin(FederationConfig(rounds=4), {})
+    store.set_presence("pi-a", "online", {"status": "online", "profile": "pi-5-8gb",
+                                          "student": "cnn-l", "params": 89930})
+    store.set_presence("pi-b", "online", {"status": "online", "profile": "pi-zero-2w",
+                                          "student": "cnn-xs", "params": 3706})
+    store.set_presence("pi-b", "offline", {"status": "offline"})  # its Last Will
+    store.add_metrics(0, "pi-a", {"accuracy": 0.5, "bytes": {"sent_bytes": 10,
+                                                             "received_bytes": 20}})
+    store.open_attempt(1, 1, ["pi-a", "pi-b"])
+    store.save_round(1, 1, ["pi-a", "pi-b"], b"consensus")
+    store.add_metrics(1, "pi-a", {"accuracy": 0.75, "bytes": {"sent_bytes": 110,
+                                                              "received_bytes": 220}})
+    store.open_attempt(2, 1, ["pi-a"])
+    store.record("fededge/demo/up/pi-a", b"x", "accepted", sender="pi-a", kind="upload", rnd=2,
+                 attempt=1)
+    store.record("fededge/demo/up/pi-b", b"junk", "rejected", reason="not a safetensors "
+                 "envelope: header too short")
+    store.close()
+
+    state = snapshot(
+        Source("kit", tmp_path, tmp_path, expected=("pi-a", "pi-b", "pi-c")))
+    devices = {d["id"]: d for d in state["devices"]}
+    assert list(devices) == ["pi-a", "pi-b", "pi-c"]
+    assert devices["pi-b"]["status"] == "offline" and devices["pi-b"]["params"] == 3706
+    assert devices["pi-b"]["rejected"] == 1 and devices["pi-a"]["rejected"] == 0
+    assert devices["pi-a"]["accuracy"] == 0.75 and devices["pi-a"]["bytes_up"] == 110
+    assert devices["pi-c"]["status"] == "not seen"
+    assert state["rejections"][0]["device"] == "pi-b" and state["rejected_total"] == 1
+    assert "header too short" in state["rejections"][0]["reason"]
+    progress = state["progress"]
+    assert progress["phase"] == "rounds" and progress["round"] == 2
+    assert (progress["uploads"], progress["expected"], progress["completed"]) == (1, 1, 1)
+    assert progress["eta_s"] is not None and state["status"] == "running"
+    assert [r["round"] for r in state["rounds"]] == [0, 1]
+    assert state["rounds"][1]["mean_accuracy"] == 0.75 and state["rounds"][1]["bytes_up"] == 100

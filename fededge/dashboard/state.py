@@ -111,8 +111,8 @@ def _from_store(store: Store, source: Source, state: dict[str, Any], now: float)
     state["rounds"] = [row.to_dict() for row in round_rows(metrics, closed)]
     state["progress"] = _progress(store, federation, closed, now)
     state["devices"] = _devices(store, metrics, source.expected)
-    senders = store.senders()
-    state["rejected_total"] = sum(rejected for _, rejected in senders.values())
+    state["rejected_total"] = sum(int(rejected or 0) for _, rejected in
+                                  store.senders().values())
     state["rejections"] = [
         {"at": at, "device": sender or _device_of(topic), "topic": topic, "round": rnd,
          "reason": reason} for at, topic, sender, rnd, reason in
@@ -152,7 +152,11 @@ def _progress(store: Store, federation: dict[str, Any], closed: list[Any],
 def _devices(store: Store, metrics: dict[int, dict[str, dict[str, Any]]],
              expected: tuple[str, ...]) -> list[dict[str, Any]]:
     presence = store.presence()
-    senders = store.senders()
+    senders: dict[str | None, tuple[float, int]] = {}
+    for sender, (at, rejected) in store.senders().items():
+        device = _device_of(sender) if "/" in sender else sender
+        before_at, before_rejected = senders.get(device, (0.0, 0))
+        senders[device] = (max(at, before_at), before_rejected + int(rejected or 0))
     ids = list(expected) + sorted((set(presence) | {d for r in metrics.values() for d in r})
                                   - set(expected))
     devices = []

@@ -278,10 +278,12 @@ class Store:
             "SELECT DISTINCT sender FROM submissions WHERE round = ? AND kind = 'upload' AND "
             "status = 'accepted' ORDER BY sender", (rnd,))]
 
-    def senders(self) -> dict[str | None, tuple[float, int]]:
-        """sender → (when it was last heard from, how many of its messages were rejected)."""
+    def senders(self) -> dict[str, tuple[float, int]]:
+        """sender → (when it was last heard from, how many of its messages were rejected); a
+        message rejected before its sender could be read counts under its topic."""
         return {sender: (at, rejected) for sender, at, rejected in self._db.execute(
-            "SELECT sender, max(at), sum(status = 'rejected') FROM submissions GROUP BY sender")}
+            "SELECT coalesce(sender, topic), max(at), sum(status = 'rejected') FROM submissions "
+            "GROUP BY coalesce(sender, topic)")}
 
     def latest_rejections(self, limit: int) -> list[tuple[float, str, str | None, int | None,
                                                         str]]:
