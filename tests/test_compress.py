@@ -101,5 +101,5 @@ def test_malformed_topk_is_a_protocol_error(mutate, reason, logits):
 
 
 def test_unknown_codec_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="choose one of: float16, int8, topk"):
+    with pytest.raises(ConfigError, match="'logit_codec': input should be 'float16', 'int8' or 'topk'"):
         _codec("zip")

@@ -64,9 +64,9 @@ def test_npz_tabular_with_names_and_integer_features(tmp_path):
 
 
 def test_npz_images_and_whole_float_labels(tmp_path):
-    X = np.random.default_rng(0).random((20, 3, 5, 5))
+    X = np.random.default_rng(0).random((20, 3, 8, 9))
     ds = load_dataset(_npz(tmp_path, X=X, y=(np.arange(20) % 2).astype(np.float64)))
-    assert ds.input_shape == (3, 5, 5) and ds.y.dtype == np.int64 and ds.num_classes == 2
+    assert ds.input_shape == (3, 8, 9) and ds.y.dtype == np.int64 and ds.num_classes == 2
 
 
 def _error(tmp_path, **arrays):

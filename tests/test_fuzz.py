@@ -10,6 +10,7 @@ import pickle
 import struct
 import threading
 
+import killers
 import numpy as np
 from helpers import REQUIRES_MOSQUITTO, make_client, small_config, small_split
 from safetensors.numpy import save as st_save
@@ -203,3 +204,21 @@ def test_hostile_payloads_are_all_rejected_and_change_nothing(tmp_path, caplog):
     assert [r.accepted for r in history] == [["dev0", "dev1", "dev2"]] * 2
     assert attacked.accepted_uploads == clean.accepted_uploads == 2 * N_CLIENTS
     assert _consensus(attacked.store, 2) == _consensus(clean.store, 2)
+
+
+def test_killer_payloads_retained_from_a_provisioned_device_over_tls(tmp_path):
+    """Issue 17's four killers, from a provisioned device's own credentials over the kit's TLS
+    Mosquitto, retained: the server finishes every round, records every one as rejected with
+    its reason, and its traffic table stays the server's own measure."""
+    result = killers.kit_federation(tmp_path, attack=True)
+    assert result["rounds"] == 3 and result["accepted"] == 9, result
+    sent = result["sent"]
+    assert "deep nesting on presence" in sent and sent.count("wrapping class counts") >= 3
+    reasons = " | ".join(result["reasons"])
+    for rule in ("nests deeper than", "round '18446744073709551616' is not an integer",
+                 "JSON integer of 31 digits", "class_counts do not sum to the 7 samples"):
+        assert rule in reasons, f"no rejection for '{rule}': {reasons[:2000]}"
+    assert result["rejected"] >= len(sent), result
+    assert all(0.5 < acc <= 1 for acc in result["accuracy"].values()), result
+    per_round_up = [row["bytes_up"] for row in result["rows"]]
+    assert max(per_round_up) < 10 * 1024**2, per_round_up  # not 10**30

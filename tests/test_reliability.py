@@ -261,10 +261,11 @@ def test_stragglers_sleep_by_their_relative_compute(split):
         assert server.metrics[entry["round"]]["dev0"]["compute_intervals"][-1] == [lo, hi]
 
 
-def _simulate(out, *extra):
+def _simulate(out, *extra, baselines: bool = False):
     return subprocess.Popen(
         [sys.executable, "-m", "fededge.cli", "simulate", "--clients", "3", "--rounds", "3",
-         "--profiles", "pi-zero-2w,pi-4-4gb,pi-5-8gb", "--seed", "1", "--no-baselines",
+         "--profiles", "pi-zero-2w,pi-4-4gb,pi-5-8gb", "--seed", "1",
+         "--baselines" if baselines else "--no-baselines",
          "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -283,9 +284,13 @@ def _completed_rounds(out) -> set[int]:
     return done | ({0} if 1 in done else set())
 
 
-def test_simulate_killed_with_sigkill_resumes_in_the_same_out_dir(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_simulate_stopped_mid_run_resumes_in_the_same_out_dir(tmp_path, stop):
+    """SIGKILL leaves what was committed; Ctrl-C (SIGINT) and SIGTERM stop the run cleanly
+    (baselines thread, clients, broker), say how to resume and exit 130. Rerunning the same
+    command resumes in every case."""
     out = tmp_path / "run"
-    proc = _simulate(out)
+    proc = _simulate(out, baselines=stop != signal.SIGKILL)
     deadline = time.monotonic() + 240
     completed: set[int] = set()
     while time.monotonic() < deadline and proc.poll() is None:
@@ -296,10 +301,14 @@ def test_simulate_killed_with_sigkill_resumes_in_the_same_out_dir(tmp_path):
         time.sleep(0.1)
     time.sleep(0.5)  # a round the store shows complete has had its line appended by now
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(stop)
+    stopped_output = proc.communicate(timeout=60)[0].decode()
+    if stop != signal.SIGKILL:
+        assert proc.returncode == 130, stopped_output[-2000:]
+        assert "interrupted:" in stopped_output and "to resume" in stopped_output
+        assert "Traceback" not in stopped_output and "terminate called" not in stopped_output
     killed_after = len(Store(out, readonly=True).closed_rounds())
-    # The killed run left every round it completed in metrics.jsonl, one valid line each.
+    # The stopped run left every round it completed in metrics.jsonl, one valid line each.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(len(rows)))
     assert completed <= {r["round"] for r in rows}, (completed, rows)

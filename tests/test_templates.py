@@ -60,9 +60,9 @@ def test_conf_settings_are_one_token_each():
 
 @pytest.mark.parametrize("old, new, words", [
     ('bind = "127.0.0.1"', 'bind = "127.0.0.1\\nallow_anonymous true"',
-     "bind must be an IP address or host name"),
+     r"\[broker\] bind: must be an IP address or a host name"),
     ('# user = "mosquitto"', 'user = "mosquitto\\nallow_anonymous true"',
-     "user must be a system user name"),
+     r"\[broker\] user: must be a system user name"),
 ])
 def test_broker_settings_written_into_the_conf_are_checked(tmp_path, old, new, words):
     text = EXAMPLE.read_text()

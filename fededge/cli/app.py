@@ -3,15 +3,13 @@ user can cause are printed as one line naming the bad input, never as a tracebac
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from fededge.cli.model import export_cmd, infer_cmd
-from fededge.cli.output import configure_output, console, fail, pct
+from fededge.cli.output import configure_output, console, fail, interruptible, pct
 from fededge.cli.tables import Col, fit_table, rounds_table
 from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes
@@ -118,7 +116,8 @@ def simulate(
     from fededge.cli.progress import simulation_progress
 
     try:
-        with simulation_progress() as on_step:
+        with simulation_progress() as on_step, interruptible(
+                f"the state is kept in {out}: run the same command (same --out) to resume"):
             result = api.simulate(
                 data, clients=clients, rounds=rounds, partition=partition, alpha=alpha,
                 seed=seed, aggregator=aggregator, strategy=strategy, out=out, broker=broker,
@@ -135,19 +134,21 @@ def simulate(
 
 
 def _settings(items: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` federation settings; values parse as JSON (numbers, true/false) or text."""
-    from fededge.config import FederationConfig
+    """``KEY=VALUE`` federation settings, each typed and range-checked by the one schema
+    (``config.FederationConfig``); the first bad one ends the command with its reason."""
+    from fededge.config import ConfigError, FederationConfig, parse_assignment
 
-    known = {f.name for f in dataclasses.fields(FederationConfig)}
     settings: dict[str, object] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
         try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
+            key, value = parse_assignment(item)
+        except ConfigError as exc:
+            fail(exc)
+        settings[key] = value
+    try:  # what one setting cannot say alone (resend_s against its floor, ldp_* together)
+        FederationConfig().replace(**settings)
+    except ConfigError as exc:
+        fail(f"--set: {exc}")
     return settings
 
 

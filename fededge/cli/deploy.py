@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from fededge.cli.output import console, fail
+from fededge.cli.output import console, fail, interruptible
 from fededge.cli.tables import Col, fit_table
 from fededge.edge import service
 from fededge.edge.bundle import DEFAULT_CHUNK_BYTES
@@ -88,8 +88,10 @@ def agent_cmd(
                       "deployment (deploy a new bundle to move on)", highlight=False)
         return
     try:
-        outcome = service.run_agent(kit, http=http, bind=bind, once=once, timeout=timeout,
-                                    events=lambda line: console.print(line, highlight=False))
+        with interruptible(f"agent stopped; the installed model is kept in {kit}/state; run "
+                           f"`fededge agent --kit {kit}` to serve it again"):
+            outcome = service.run_agent(kit, http=http, bind=bind, once=once, timeout=timeout,
+                                        events=lambda line: console.print(line, highlight=False))
     except service.EndpointError as exc:
         fail(f"--http {http}: {exc}")
     except FedEdgeError as exc:

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from fededge.cli.output import console, fail, note, pct
+from fededge.cli.output import console, fail, interruptible, note, pct
 from fededge.cli.tables import Col, fit_table
 from fededge.errors import FedEdgeError
 
@@ -145,8 +145,10 @@ def server_cmd(
         loaded = load_kit(kit)
         console.print(f"server of federation {loaded.federation!r}: waiting for "
                       f"{len(loaded.devices)} devices", highlight=False)
-        done = run_server(loaded, state=state, join_timeout=join_timeout,
-                          events=ServerEvents(on_round_closed=closed))
+        with interruptible(f"server stopped; its state is kept in {state or kit / 'state'}: "
+                           f"run `fededge server --kit {kit}` again to resume the run"):
+            done = run_server(loaded, state=state, join_timeout=join_timeout,
+                              events=ServerEvents(on_round_closed=closed))
     except FedEdgeError as exc:
         fail(exc)
     console.print(rounds_table(console, done.rows, title="Per-round results (all devices)"))
@@ -175,8 +177,11 @@ def client_cmd(
         console.print(f"device {loaded.device!r} ({loaded.profile}, {loaded.student}) joining "
                       f"{loaded.federation!r} at {loaded.broker.host}:{loaded.broker.port}",
                       highlight=False)
-        result = run_client(loaded, data=data, state=state, threads=threads,
-                            on_progress=progress)
+        with interruptible(f"device stopped; its checkpoint is kept in "
+                           f"{state or kit / 'state'}: run `fededge client --kit {kit}` again "
+                           "to rejoin where it left off"):
+            result = run_client(loaded, data=data, state=state, threads=threads,
+                                on_progress=progress)
     except FedEdgeError as exc:
         fail(exc)
     last = result.client.history[-1] if result.client.history else {}

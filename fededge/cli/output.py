@@ -11,6 +11,10 @@ the protocol's events, with their source and time.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import typer
@@ -67,6 +71,26 @@ def fail(problem: BaseException | str, code: int = 2) -> NoReturn:
     for markup and drop."""
     console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False)
     raise typer.Exit(code=code)
+
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+
+@contextmanager
+def interruptible(resume: str) -> Iterator[None]:
+    """Ctrl-C, and SIGTERM (what systemd and ``kill`` send) turned into it, end the command
+    cleanly: the code inside unwinds (state kept, connections and brokers closed), then one
+    line saying how to resume, and exit status 130."""
+    main = threading.current_thread() is threading.main_thread()  # signals reach only it
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"[bold yellow]interrupted:[/] {escape(resume)}", highlight=False)
+        raise typer.Exit(code=INTERRUPTED) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def pct(value: float | None) -> str:

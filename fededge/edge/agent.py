@@ -162,10 +162,16 @@ class Agent:
         except queue.Empty:
             pass
         else:
-            if topic == self.topics.deploy(self.kit.device):
-                outcome = self._on_descriptor(payload)
-            else:
-                outcome = self._on_chunk(topic, payload)
+            try:
+                if topic == self.topics.deploy(self.kit.device):
+                    outcome = self._on_descriptor(payload)
+                else:
+                    outcome = self._on_chunk(topic, payload)
+            except Exception as exc:  # a check that failed in an unforeseen way: a refusal
+                log.exception("unexpected error while checking a message on %s", topic)
+                outcome = self._reject(bundle.sha256_hex(payload), None,
+                                       f"unexpected {type(exc).__name__} while checking a "
+                                       f"message on {topic}: {str(exc)[:200]}")
         self._follow_pointer()
         return outcome
 

@@ -33,6 +33,7 @@ from cryptography import x509
 from fededge.edge.runtime import MANIFEST
 from fededge.errors import FedEdgeError
 from fededge.kits import pki
+from fededge.wire import boundedjson
 from fededge.wire.topics import MAX_CHUNKS, ProtocolError, validate_id
 
 FORMAT = "fededge-deploy/1"
@@ -78,7 +79,7 @@ class Descriptor:
     def from_json(cls, text: bytes) -> Descriptor:
         """Parse and check a descriptor; any inconsistency is a ``DeliveryError``."""
         try:
-            raw = json.loads(text)
+            raw = boundedjson.loads(text, max_depth=4)
             kind = raw.pop("format")
         except (ValueError, KeyError, AttributeError, TypeError):
             raise DeliveryError("descriptor is not a JSON object with a format") from None
@@ -187,7 +188,7 @@ def open_seal(payload: bytes, ca: x509.Certificate) -> Descriptor:
         raise DeliveryError(f"sealed descriptor of {len(payload)} bytes exceeds "
                             f"{MAX_SEAL_BYTES}")
     try:
-        envelope: dict[str, Any] = json.loads(payload)
+        envelope: dict[str, Any] = boundedjson.loads(payload, max_depth=4)
         text = envelope["descriptor"].encode()
         signature = base64.b64decode(envelope["signature"], validate=True)
         certificate = envelope["certificate"].encode()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fededge.edge.runtime import InferenceError
+from fededge.wire import boundedjson
 
 if TYPE_CHECKING:
     from fededge.edge.agent import Agent
@@ -60,12 +61,16 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
             if served is None:
                 return self._send(503, {"error": "no model installed yet; deploy one with "
                                                  "`fededge deploy`"})
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                return self._send(400, {"error": "Content-Length is not a number"})
+            if not 0 <= length <= MAX_BODY_BYTES:
                 return self._send(413, {"error": f"body of {length} bytes exceeds "
                                                  f"{MAX_BODY_BYTES}; send smaller batches"})
             try:
-                body = json.loads(self.rfile.read(length))
+                body = boundedjson.loads(self.rfile.read(length), max_depth=8,
+                                         max_items=MAX_BODY_BYTES)
                 X = np.asarray(body["x"], dtype=np.float32)
                 labels, confidences = served.model.predict(X)
             except (ValueError, TypeError, KeyError, InferenceError) as exc:

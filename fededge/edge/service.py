@@ -6,15 +6,15 @@
                  or Ctrl-C
     stop         the endpoint, then the agent (an offline report, and the connection closed)
 
-SIGTERM (what systemd sends to stop the unit) becomes a normal exit, so the last step runs
-however the agent ends. The command line only parses options and prints; this module prints
+SIGTERM (what systemd sends to stop the unit) is turned into Ctrl-C (``KeyboardInterrupt``),
+so the last step runs however the agent ends; the interruption then reaches the caller (the
+command exits with status 130). The command line only parses options and prints; this module prints
 nothing, it reports through ``events``. Imports no torch (the ``edge`` extra is enough).
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -37,13 +37,14 @@ def run_agent(kit: Path, *, http: int | None = None, bind: str = "127.0.0.1",
               events: Callable[[str], None] = lambda line: None) -> Outcome | None:
     """Run the agent of the device kit ``kit`` until it is done; ``http``: also serve
     predictions on this port of ``bind`` (0: any free port). Returns the first outcome with
-    ``once``, else None (and None if it stopped first: a timeout, SIGTERM, Ctrl-C)."""
+    ``once``, else None (and None if it stopped first: a timeout). Ctrl-C and SIGTERM stop it
+    cleanly and are re-raised as ``KeyboardInterrupt``."""
     from fededge.edge.agent import Agent  # onnxruntime: imported to run, not to roll back
     from fededge.edge.http import serve
 
     agent = Agent(load_kit(kit), events=events).start()
     main = threading.current_thread() is threading.main_thread()  # signals reach only it
-    previous = signal.signal(signal.SIGTERM, _exit) if main else None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     server = None
     try:
         if http is not None:
@@ -58,18 +59,12 @@ def run_agent(kit: Path, *, http: int | None = None, bind: str = "127.0.0.1",
         events(f"agent of {agent.kit.device!r} in federation {agent.kit.federation!r}: "
                f"serving {served}, waiting for deployments")
         return agent.run(once=once, timeout=timeout)
-    except KeyboardInterrupt:
-        return None
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
         if server is not None:
             server.shutdown()
         agent.stop()
-
-
-def _exit(*_: object) -> None:
-    sys.exit(0)  # SystemExit unwinds through run_agent's finally
 
 
 def rollback(kit: Path) -> Pointer:

@@ -104,6 +104,7 @@ class FederationClient:
         self.state = _State()
         self.resumed_from: int | None = None
         self.finished = threading.Event()
+        self._stopping = threading.Event()
         self.error: BaseException | None = None
         self.history: list[dict[str, Any]] = []
         self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
@@ -136,19 +137,22 @@ class FederationClient:
         return self.finished.wait(timeout)
 
     def stop(self) -> None:
+        """End the worker after the step it is in (its state is checkpointed after each)."""
+        self._stopping.set()
         self._inbox.put(("", b"", 0.0))
-        self._worker.join(timeout=30)
+        if self._worker.is_alive():
+            self._worker.join(timeout=30)
 
     # -- worker --------------------------------------------------------------------------------
     def _work(self) -> None:
         try:
-            while not self.finished.is_set():
+            while not self.finished.is_set() and not self._stopping.is_set():
                 try:
                     topic, payload, self._received_at = self._inbox.get(timeout=0.5)
                 except queue.Empty:
                     self._maybe_release_pending()
                     continue
-                if not topic:
+                if not topic or self._stopping.is_set():
                     break
                 self._handle(topic, payload)
         except BaseException as exc:  # surfaced to whoever waits on us
@@ -167,14 +171,19 @@ class FederationClient:
         except ProtocolError as exc:
             log.warning("%s ignored a bad message on %s: %s", self.identity.device_id, topic, exc)
             return
-        if isinstance(msg, ConfigMessage) and topic == self.topics.config:
-            self._on_config(msg.config)
-        elif self.state.config is None or getattr(msg, "run_id", None) != self.state.config.run_id:
-            return  # nothing to do before the config, nor with another run's leftovers
-        elif isinstance(msg, RoundMessage) and topic == self.topics.round:
-            self._on_round(msg)
-        elif isinstance(msg, ConsensusMessage) and topic == self.topics.consensus:
-            self._on_consensus(msg)
+        try:
+            if isinstance(msg, ConfigMessage) and topic == self.topics.config:
+                self._on_config(msg.config)
+            elif (self.state.config is None
+                  or getattr(msg, "run_id", None) != self.state.config.run_id):
+                return  # nothing to do before the config, nor with another run's leftovers
+            elif isinstance(msg, RoundMessage) and topic == self.topics.round:
+                self._on_round(msg)
+            elif isinstance(msg, ConsensusMessage) and topic == self.topics.consensus:
+                self._on_consensus(msg)
+        except ProtocolError as exc:  # the strategy found the message unusable: not ours to fix
+            log.warning("%s ignored a bad %s on %s: %s", self.identity.device_id,
+                        envelope.kind, topic, exc)
 
     def _on_config(self, config: FederationConfig) -> None:
         if self.state.config is not None and config.run_id == self.state.config.run_id:

@@ -36,7 +36,7 @@ from fededge.config import MAX_PAYLOAD, FederationConfig
 from fededge.errors import FedEdgeError
 from fededge.federation.store import Store
 from fededge.federation.strategies.base import Reply, ServerStrategy
-from fededge.transport.base import Transport
+from fededge.transport.base import Transport, publish_packet_size
 from fededge.wire.envelope import Message, TensorSpec, decode, require_tensors
 from fededge.wire.messages import (
     AnyMessage,
@@ -52,9 +52,15 @@ from fededge.wire.messages import (
 from fededge.wire.topics import ProtocolError, Topics
 
 log = logging.getLogger(__name__)
+MAX_TOPIC_CHARS = 300  # of a topic as recorded (the broker allows 65,535 bytes)
+
 
 class FederationError(FedEdgeError, RuntimeError):
     """The federation cannot go on (too few clients); never raised for a bad payload."""
+
+
+class FederationAborted(FederationError):
+    """``abort`` was called (a failed device or broker, Ctrl-C): the state so far is kept."""
 
 
 @dataclass
@@ -87,6 +93,20 @@ class _OpenRound:
     participants: set[str] = field(default_factory=set)
 
 
+def _measured_before(metrics: dict[int, dict[str, dict[str, Any]]]
+                     ) -> tuple[dict[str, int], int]:
+    """What earlier processes of this server measured (a restart continues the counts): bytes
+    received per device, and bytes published."""
+    up: dict[str, int] = {}
+    down = 0
+    for per_round in metrics.values():
+        for device, info in per_round.items():
+            counted = info.get("bytes", {})
+            up[device] = max(up.get(device, 0), int(counted.get("sent_bytes", 0)))
+            down = max(down, int(counted.get("received_bytes", 0)))
+    return up, down
+
+
 class FederationServer:
     def __init__(self, transport: Transport, config: FederationConfig, strategy: ServerStrategy,
                  *, expected_clients: int, store: Store | None = None,
@@ -108,6 +128,8 @@ class FederationServer:
         self.live: dict[str, dict[str, Any]] = {}
         self._offline_since: dict[str, float] = {}
         self.metrics = self.store.metrics()
+        self._received: Counter[str] = Counter()  # packet bytes per device, this process
+        self._traffic_base = _measured_before(self.metrics)
         self.history = [RoundRecord(r.round, r.participants, r.accepted, r.attempts, r.seconds)
                         for r in self.store.closed_rounds()]
         self.resumed_from_round: int | None = len(self.history) + 1 if resumed else None
@@ -115,6 +137,7 @@ class FederationServer:
         self._resend_s = self.config.resend_s or self.config.deadline_s / 4
         self._open: _OpenRound | None = None
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._abort: str | None = None
         transport.subscribe(self.topics.all_up, self._enqueue)
         transport.subscribe(self.topics.all_presence, self._enqueue)
 
@@ -127,6 +150,16 @@ class FederationServer:
     def accepted_uploads(self) -> int:
         return self.store.count("accepted", "upload")
 
+    def abort(self, reason: str) -> None:
+        """Stop ``run`` within a moment, from any thread: it raises ``FederationAborted`` with
+        ``reason``. Everything recorded so far stays, so a new server resumes the run."""
+        self._abort = reason
+        self._inbox.put(("", b""))  # wakes the loop
+
+    def _check_abort(self) -> None:
+        if self._abort is not None:
+            raise FederationAborted(self._abort)
+
     # -- inbox ---------------------------------------------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:
         self._inbox.put((topic, payload))
@@ -136,6 +169,7 @@ class FederationServer:
         waits it re-publishes the retained state every ``resend_s`` (see the module doc)."""
         next_refresh = time.monotonic() + self._resend_s
         while True:
+            self._check_abort()
             self._expire_offline()
             if done():
                 return True
@@ -150,20 +184,29 @@ class FederationServer:
                     timeout=max(0.001, min(deadline, next_refresh, now + 0.25) - now))
             except queue.Empty:
                 continue
-            self._handle(topic, payload)
+            if topic:
+                self._handle(topic, payload)
 
     def _drain(self, done: Callable[[], bool]) -> bool:
         """At the deadline: what already arrived counts, even if this loop was late to read it
         (a stalled or suspended server)."""
         while not done():
+            self._check_abort()
             try:
                 topic, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return False
-            self._handle(topic, payload)
+            if topic:
+                self._handle(topic, payload)
         return True
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        """Judge one inbound message. Whatever it holds, it ends here: accepted, duplicate,
+        late, or rejected with its reason (any exception while handling it rejects it too),
+        recorded, and the loop goes on."""
+        device = self.topics.device_of(topic)
+        if device is not None:
+            self._received[device] += publish_packet_size(topic, payload)
         if not payload and "/presence/" in topic:
             return  # a cleared retained presence
         envelope: Message | None = None
@@ -181,19 +224,35 @@ class FederationServer:
             else:
                 raise ProtocolError(f"a {type(msg).__name__} is not accepted on {topic}")
         except ProtocolError as exc:
-            self._record(topic, payload, envelope, msg, "rejected", str(exc))
-            log.warning("rejected message on %s: %s", topic, exc)
+            self._reject(topic, payload, envelope, msg, str(exc))
+            return
+        except Exception as exc:  # a check that failed in an unforeseen way: still a rejection
+            log.exception("unexpected error while judging a message on %s", topic)
+            self._reject(topic, payload, envelope, msg,
+                         f"unexpected {type(exc).__name__} while judging it: {str(exc)[:200]}")
             return
         self._record(topic, payload, envelope, msg, status)
 
+    def _reject(self, topic: str, payload: bytes, envelope: Message | None,
+                msg: AnyMessage | None, reason: str) -> None:
+        self._record(topic, payload, envelope, msg, "rejected", reason)
+        log.warning("rejected message on %s: %s", topic, reason)
+
     def _record(self, topic: str, payload: bytes, envelope: Message | None,
                 msg: AnyMessage | None, status: str, reason: str | None = None) -> None:
+        """Store the verdict. Only validated values reach SQLite (a decoded envelope's sender
+        and round passed their checks); if the write still fails the verdict is logged and the
+        loop goes on, since a message that cannot be recorded must not stop the server."""
         upload = isinstance(msg, UploadMessage)
-        self.store.record(
-            topic, payload, status, sender=envelope.sender if envelope else None,
-            kind=envelope.kind if envelope else None, rnd=envelope.round if envelope else None,
-            attempt=msg.attempt if upload else None, reason=reason,
-            keep_payload=status == "accepted" and upload)
+        try:
+            self.store.record(
+                topic[:MAX_TOPIC_CHARS], payload, status,
+                sender=envelope.sender if envelope else None,
+                kind=envelope.kind if envelope else None, rnd=envelope.round if envelope else None,
+                attempt=msg.attempt if upload else None, reason=reason,
+                keep_payload=status == "accepted" and upload)
+        except Exception:
+            log.exception("could not record a %s message on %s (%s)", status, topic, reason)
 
     def _on_presence(self, msg: PresenceMessage) -> None:
         if msg.run_id not in (None, self.config.run_id):
@@ -247,6 +306,10 @@ class FederationServer:
             raise ProtocolError(f"metrics for round {msg.round} of a "
                                 f"{self.config.rounds}-round federation")
         info = msg.to_info()
+        # Traffic the server can measure is its own figure, not the device's word: bytes it
+        # received from the device, and bytes it published (which every device receives). The
+        # device's counters are kept beside them, range-checked by the parser, for audits.
+        info["reported_bytes"], info["bytes"] = info["bytes"], self._traffic(msg.device)
         if not self.store.add_metrics(msg.round, msg.device, info):
             return "duplicate"
         per_round = self.metrics.setdefault(msg.round, {})
@@ -256,6 +319,12 @@ class FederationServer:
             if msg.device in contributors and contributors <= set(per_round):
                 self.events.on_round_reported(msg.round)
         return "accepted"
+
+    def _traffic(self, device: str) -> dict[str, int]:
+        """Cumulative bytes of ``device`` as this server measured them, over its restarts."""
+        up, down = self._traffic_base
+        return {"sent_bytes": up.get(device, 0) + self._received[device],
+                "received_bytes": down + self.transport.stats.sent_bytes}
 
     # -- publishing ----------------------------------------------------------------------------
     def _announce(self, current: _OpenRound) -> None:

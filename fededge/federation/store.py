@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fededge.config import FederationConfig
+from fededge.config import ConfigError, FederationConfig
 from fededge.errors import FedEdgeError
 from fededge.files import atomic_write
 
@@ -142,14 +142,31 @@ class Store:
                              (config.run_id, json.dumps(config.to_dict()),
                               json.dumps(context, sort_keys=True), now, now))
             return config, False
-        stored = FederationConfig.from_dict(json.loads(row[0]))
-        wanted = {**config.to_dict(), **context, "run_id": stored.run_id}
-        have = {**stored.to_dict(), **json.loads(row[1])}
-        differ = [f"{k} {have.get(k)!r} ≠ {wanted.get(k)!r}"
-                  for k in sorted(set(have) | set(wanted)) if have.get(k) != wanted.get(k)]
+        try:
+            stored = FederationConfig.from_dict(json.loads(row[0]))
+        except ConfigError as exc:  # written by an older fededge with looser checks
+            stored, differ = None, [f"the stored settings are no longer valid ({exc})"]
+        else:
+            wanted = {**config.to_dict(), **context, "run_id": stored.run_id}
+            have = {**stored.to_dict(), **json.loads(row[1])}
+            differ = [f"{k} {have.get(k)!r} ≠ {wanted.get(k)!r}"
+                      for k in sorted(set(have) | set(wanted)) if have.get(k) != wanted.get(k)]
+        if differ and not self.closed_rounds():
+            # Nothing was completed: an interrupted or failed start with other settings is no
+            # run to resume, and must not block the next one.
+            with self._db:
+                self._db.execute("BEGIN")
+                for table in ("federation", "rounds", "submissions", "presence", "metrics",
+                              "consensus"):
+                    self._db.execute(f"DELETE FROM {table}")
+                self._db.execute("INSERT INTO federation VALUES (1, ?, ?, ?, 'running', ?, ?)",
+                                 (config.run_id, json.dumps(config.to_dict()),
+                                  json.dumps(context, sort_keys=True), now, now))
+            return config, False
         if differ:
             where = self.directory or "memory"
-            raise StoreError(f"{where} holds federation run {stored.run_id} with other settings "
+            run = stored.run_id if stored else "?"
+            raise StoreError(f"{where} holds federation run {run} with other settings "
                              f"({'; '.join(differ)[:300]}); use a fresh state directory")
         return stored, True
 

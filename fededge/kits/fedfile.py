@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Iterable, Literal, TypeVar
+
+from pydantic import AfterValidator, Field
+from pydantic.dataclasses import dataclass
 
 from fededge.errors import FedEdgeError
 
@@ -21,24 +24,40 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from fededge.config import FederationConfig
+from fededge.config import DERIVED, SETTINGS, ConfigError, check_setting
 from fededge.kits import mosquitto as mq
-from fededge.kits.kit import ROLES
+from fededge.kits.kit import MANIFEST_FILE
 from fededge.learn.data import PARTITIONERS
-from fededge.wire.envelope import SERVER_ID, ProtocolError, validate_id
+from fededge.schema import STRICT, Identifier, NonNegative, Port, SchemaError, Text, parse
+from fededge.wire.topics import SERVER_ID
 
-# Settings provision derives (from the dataset, the federation name or each run), so a
-# federation file may not set them in [training].
-DERIVED_SETTINGS = ("federation", "num_classes", "input_shape", "proxy_sha256", "proxy_size",
-                    "run_id")
+T = TypeVar("T")
 # Ids a device cannot take: the server's MQTT user, and the provision output's other kits.
-RESERVED_IDS = (SERVER_ID, "ca", "broker")
+RESERVED_IDS = (SERVER_ID, "ca", "broker", MANIFEST_FILE)
 PRIVACY_KEYS = {"noise_multiplier": "ldp_noise_multiplier", "clip": "ldp_clip",
                 "delta": "ldp_delta"}
 
 
 class FederationFileError(FedEdgeError, ValueError):
     """A federation file that cannot be provisioned; the message names file, line and fix."""
+
+
+def _host(value: str) -> str:
+    if not mq.is_host(value):
+        raise ValueError("must be an IP address or a host name")
+    return value
+
+
+def _system_user(value: str) -> str:
+    if not mq.is_system_user(value):
+        raise ValueError("must be a system user name (letters, digits, '_', '-', '.')")
+    return value
+
+
+def _partition(value: str) -> str:
+    if value not in PARTITIONERS:
+        raise ValueError(f"must be one of {', '.join(PARTITIONERS)}")
+    return value
 
 
 class _LineIndex:
@@ -74,37 +93,48 @@ class _LineIndex:
         return FederationFileError(f"{where}: {message}")
 
 
-@dataclass(frozen=True)
+Host = Annotated[str, AfterValidator(_host)]
+SystemUser = Annotated[str, AfterValidator(_system_user)]
+Partition = Annotated[str, AfterValidator(_partition)]
+
+
+@dataclass(frozen=True, config=STRICT)
 class BrokerSpec:
-    host: str                   # what devices dial; the broker certificate is valid for it
-    tls_port: int = 8883
-    plain_port: int = 0         # 0: no plain listener; otherwise a loopback-only one
-    bind: str = "0.0.0.0"       # address the TLS listener binds
-    user: str = "mosquitto"     # the user Mosquitto runs as when started as root
-    alt_names: tuple[str, ...] = ()  # more names the broker certificate is valid for
+    host: Host                  # what devices dial; the broker certificate is valid for it
+    tls_port: Port = 8883
+    plain_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: none; else loopback-only
+    bind: Host = "0.0.0.0"      # address the TLS listener binds (written into mosquitto.conf)
+    user: SystemUser = "mosquitto"  # the user Mosquitto runs as when started as root
+    alt_names: Annotated[tuple[Host, ...], Field(strict=False, max_length=32)] = ()
+    # more names the broker certificate is valid for
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class DatasetSpec:
-    source: str                 # a built-in dataset name or the path of a .npz shipped in kits
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    seed: int = 0
+    source: Text                # a built-in dataset name or the path of a .npz shipped in kits
+    partition: Partition = "dirichlet"
+    alpha: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class DeviceSpec:
-    id: str
-    profile: str
-    student: str | None = None  # override of the student picked from the profile
-    data: str | None = None     # path of the device's private .npz, on the device
-    role: str | None = None     # "client" (trains) or "agent" (only receives models); None:
-                                # by the profile's can_train (resolved in provision)
-    model_from: str | None = None  # an agent-only device runs this training device's model
-    index: int = 0              # position among [[devices]], for line lookups
+    id: Identifier
+    profile: Identifier
+    student: Identifier | None = None  # override of the student picked from the profile
+    data: Text | None = None    # path of the device's private .npz, on the device
+    role: Literal["client", "agent"] | None = None  # "client" (trains) or "agent" (only
+                                # receives models); None: by the profile's can_train
+    model_from: Identifier | None = None  # an agent-only device runs this training device's
+    index: NonNegative = 0      # position among [[devices]], for line lookups (not a key)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
+class _FederationTable:
+    name: Identifier
+
+
+@dataclasses.dataclass(frozen=True)
 class FederationSpec:
     path: Path
     name: str
@@ -120,58 +150,53 @@ class FederationSpec:
         return self.lines.error(table, key, message, index)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_port(v: Any) -> bool:
-    return _is_int(v) and 1 <= v <= 65535
-
-
-_STR = ("a string", lambda v: isinstance(v, str) and v.strip() != "")
-# [training] values are checked against the type of the FederationConfig default.
-_TYPE_CHECKS: dict[type, tuple[str, Callable[[Any], bool]]] = {
-    bool: ("true or false", lambda v: isinstance(v, bool)),
-    int: ("an integer", _is_int),
-    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    str: _STR,
-}
-_PORT = ("a port number 1-65535", _is_port)
-_Check = tuple[str, Callable[[Any], bool]]
-
-
 class _Reader:
-    """Reads one table, naming the line of any bad or unknown key."""
+    """Reads one table through its schema, naming the line of any bad or unknown key."""
 
     def __init__(self, lines: _LineIndex) -> None:
         self.lines = lines
         self.error = lines.error
 
-    def table(self, raw: dict[str, Any], name: str, fields: dict[str, _Check], *,
-              required: tuple[str, ...] = (), index: int | None = None) -> dict[str, Any]:
+    def keys(self, raw: Any, name: str, known: Iterable[str],
+             index: int | None = None) -> dict[str, Any]:
+        """``raw`` as a table whose keys are all ``known``."""
         label = f"[[{name}]] #{index + 1}" if index is not None else f"[{name}]"
         if not isinstance(raw, dict):
             raise self.error(name, None, f"{name} must be a table", index)
-        for key, value in raw.items():
-            if key not in fields:
+        known = list(known)
+        for key in raw:
+            if key not in known:
                 raise self.error(name, key, f"unknown key {key!r} in {label}; known keys: "
-                                            f"{', '.join(fields)}", index)
-            want, ok = fields[key]
-            if not ok(value):
-                raise self.error(name, key, f"{key} must be {want}, got {value!r}", index)
-        missing = [k for k in required if k not in raw]
-        if missing:
-            raise self.error(name, None, f"{label} lacks required key {missing[0]!r}", index)
-        return dict(raw)
+                                            f"{', '.join(known)}", index)
+        return raw
+
+    def record(self, kind: type[T], raw: Any, name: str, index: int | None = None,
+               extra: dict[str, Any] | None = None) -> T:
+        """One table parsed as ``kind`` (a schema dataclass; ``extra`` are fields the file
+        does not give)."""
+        extra = extra or {}
+        fields = [f.name for f in dataclasses.fields(kind) if f.name not in extra]
+        self.keys(raw, name, fields, index)
+        label = f"[[{name}]] #{index + 1}" if index is not None else f"[{name}]"
+        try:
+            return parse(kind, {**raw, **extra})
+        except SchemaError as exc:
+            if str(exc).endswith(": is required"):
+                raise self.error(name, None, f"{label} lacks required key {exc.key!r}",
+                                 index) from None
+            raise self.error(name, exc.key, f"{label} {exc}", index) from None
 
 
 def load_federation_file(path: str | Path) -> FederationSpec:
     """Parse and check a federation file; every error names the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FederationFileError(f"{path}: cannot read federation file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise FederationFileError(f"{path}: not a TOML text file (byte {exc.start} is not "
+                                  "UTF-8); pass the federation file") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -187,51 +212,38 @@ def load_federation_file(path: str | Path) -> FederationSpec:
         if name not in raw:
             raise FederationFileError(f"{path}: missing required table [{name}]")
 
-    fed = read.table(raw["federation"], "federation", {"name": _STR}, required=("name",))
-    try:
-        validate_id(fed["name"], "federation name")
-    except ProtocolError as exc:
-        raise read.error("federation", "name", str(exc)) from None
-
-    broker = BrokerSpec(**read.table(raw["broker"], "broker", {
-        "host": _STR, "tls_port": _PORT,
-        # bind and user are written into mosquitto.conf: one token each
-        "bind": ("an IP address or host name", mq.is_host),
-        "user": ("a system user name (letters, digits, '_', '-', '.')", mq.is_system_user),
-        "plain_port": ("0 (none) or a port number 1-65535", lambda v: v == 0 or _is_port(v)),
-        "alt_names": ("a list of host names or IP addresses",
-                      lambda v: isinstance(v, list) and all(_STR[1](n) for n in v)),
-    }, required=("host",)))
-    broker = dataclasses.replace(broker, alt_names=tuple(broker.alt_names))
+    fed = read.record(_FederationTable, raw["federation"], "federation")
+    broker = read.record(BrokerSpec, raw["broker"], "broker")
     if broker.plain_port and broker.plain_port == broker.tls_port:
         raise read.error("broker", "plain_port",
                          f"plain_port {broker.plain_port} equals tls_port; use another port")
-
-    dataset = DatasetSpec(**read.table(raw["dataset"], "dataset", {
-        "source": _STR,
-        "partition": (f"one of {', '.join(PARTITIONERS)}", lambda v: v in PARTITIONERS),
-        "alpha": ("a positive number", lambda v: isinstance(v, (int, float))
-                  and not isinstance(v, bool) and v > 0),
-        "seed": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
-    }, required=("source",)))
+    dataset = read.record(DatasetSpec, raw["dataset"], "dataset")
 
     settings = _settings(read, raw)
     devices = _devices(read, raw.get("devices"))
-    return FederationSpec(path, fed["name"], broker, dataset, settings, devices, lines)
+    return FederationSpec(path, fed.name, broker, dataset, settings, devices, lines)
 
 
 def _settings(read: _Reader, raw: dict[str, Any]) -> dict[str, Any]:
-    """[training] (FederationConfig fields) and [privacy] (the ldp_* fields, short names)."""
-    defaults = FederationConfig()
-    checks = {f.name: _TYPE_CHECKS[type(getattr(defaults, f.name))]
-              for f in dataclasses.fields(FederationConfig)
-              if f.name not in DERIVED_SETTINGS and not f.name.startswith("ldp_")}
-    training = read.table(raw.get("training", {}), "training", checks)
-    privacy = read.table(raw.get("privacy", {}), "privacy",
-                         dict.fromkeys(PRIVACY_KEYS, _TYPE_CHECKS[float]))
-    return {**{k: float(v) if checks[k] is _TYPE_CHECKS[float] else v
-               for k, v in training.items()},
-            **{PRIVACY_KEYS[k]: float(v) for k, v in privacy.items()}}
+    """[training] (FederationConfig fields) and [privacy] (the ldp_* fields, short names),
+    each value checked by the federation settings' schema (``config.check_setting``)."""
+    settable = [name for name in SETTINGS if name not in DERIVED and not name.startswith("ldp_")]
+    tables = {"training": (settable, lambda key: key),
+              "privacy": (list(PRIVACY_KEYS), PRIVACY_KEYS.__getitem__)}
+    settings: dict[str, Any] = {}
+    for table, (known, setting) in tables.items():
+        values = raw.get(table, {})
+        if table == "training" and isinstance(values, dict):
+            for key in values:
+                if key in DERIVED:
+                    raise read.error(table, key, f"{key} is derived from the dataset or the "
+                                                 "federation; drop it from [training]")
+        for key, value in read.keys(values, table, known).items():
+            try:
+                settings[setting(key)] = check_setting(setting(key), value)
+            except ConfigError as exc:
+                raise read.error(table, key, f"[{table}] {key}: {exc}") from None
+    return settings
 
 
 def _devices(read: _Reader, raw: Any) -> tuple[DeviceSpec, ...]:
@@ -241,20 +253,12 @@ def _devices(read: _Reader, raw: Any) -> tuple[DeviceSpec, ...]:
     seen: dict[str, int] = {}
     devices = []
     for index, entry in enumerate(raw):
-        values = read.table(entry, "devices", {
-            "id": _STR, "profile": _STR, "student": _STR, "data": _STR, "model_from": _STR,
-            "role": (f"one of {', '.join(map(repr, ROLES))}", lambda v: v in ROLES),
-        }, required=("id", "profile"), index=index)
-        device = DeviceSpec(**values, index=index)
-        try:
-            validate_id(device.id)
-        except ProtocolError as exc:
-            raise read.error("devices", "id", str(exc), index) from None
-        if device.id in RESERVED_IDS:
+        device = read.record(DeviceSpec, entry, "devices", index, {"index": index})
+        if device.id.lower() in RESERVED_IDS:
             raise read.error("devices", "id", f"device id {device.id!r} is reserved (the "
-                                              "server's user and the kit directories "
-                                              f"{', '.join(RESERVED_IDS)}); rename the device",
-                             index)
+                                              "server's user, the kit directories and the "
+                                              f"files beside them: {', '.join(RESERVED_IDS)});"
+                                              " rename the device", index)
         if device.id in seen:
             first = read.lines.find("devices", "id", seen[device.id])
             raise read.error("devices", "id", f"duplicate device id {device.id!r} (first used "

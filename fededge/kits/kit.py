@@ -5,14 +5,20 @@ the file format is defined once. No torch here: reading a kit must stay cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from fededge.config import ConfigError, FederationConfig, Sha256
 from fededge.errors import FedEdgeError
+from fededge.schema import STRICT, Identifier, NonNegative, Port, SchemaError, Text, parse
 
 try:  # Python 3.11+
     import tomllib
@@ -37,26 +43,47 @@ class KitError(FedEdgeError, ValueError):
     """A kit that cannot be used; the message names the file and what to do."""
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=STRICT)
 class BrokerAccess:
     """How one party reaches the broker: address, user name and its credential files."""
 
-    host: str
-    port: int
-    username: str
+    host: Text
+    port: Port
+    username: Identifier
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=STRICT)
 class DatasetRef:
     """Enough to re-derive the federation's split locally, deterministically: its proxy set
     (checked against ``proxy_sha256``), test set and, for demo devices, private shards."""
 
-    source: str            # built-in dataset name, or a file name inside the kit
-    partition: str
-    alpha: float
-    seed: int
-    shards: int            # number of demo shards the private part is split into
-    proxy_sha256: str
+    source: Text           # built-in dataset name, or a file name inside the kit
+    partition: Identifier
+    alpha: Annotated[float, Field(gt=0.0)]
+    seed: NonNegative
+    shards: Annotated[int, Field(ge=1, le=1_000_000)]  # demo shards of the private part
+    proxy_sha256: Sha256
+
+
+@pydantic_dataclass(frozen=True, config=STRICT)
+class _KitFile:
+    """The schema of ``client.toml`` / ``server.toml``; its tables are records of their own
+    (``[broker]``, ``[dataset]``, and ``[config]``, the federation's settings)."""
+
+    federation: Identifier
+    device: Identifier
+    broker: dict[str, Any]
+    dataset: dict[str, Any]
+    config: dict[str, Any]
+    profile: Annotated[str, Field(max_length=64)] = ""
+    student: Annotated[str, Field(max_length=64)] = ""
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    shard: NonNegative | None = None
+    data: Text | None = None
+    devices: Annotated[tuple[Identifier, ...], Field(strict=False)] = ()
+    role: Literal["client", "agent"] = "client"
+    model_from: Identifier | None = None
+    agents: dict[Identifier, Identifier] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,23 +166,19 @@ def load_kit(directory: str | Path) -> Kit:
     path = files[0]
     try:
         raw = tomllib.loads(path.read_text())
-        kit = Kit(directory=directory, federation=raw["federation"], device=raw["device"],
-                  broker=BrokerAccess(**raw["broker"]), dataset=DatasetRef(**raw["dataset"]),
-                  config=raw["config"], profile=raw.get("profile", ""),
-                  student=raw.get("student", ""), seed=raw.get("seed", 0),
-                  shard=raw.get("shard"), data=raw.get("data"),
-                  devices=tuple(raw.get("devices", ())), role=raw.get("role", CLIENT_ROLE),
-                  model_from=raw.get("model_from"), agents=dict(raw.get("agents", {})))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise KitError(f"{path}: unreadable ({exc})") from None
-    except (KeyError, TypeError) as exc:
-        raise KitError(f"{path}: missing or unexpected setting {exc}; re-provision the kit") \
-            from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise KitError(f"{path}: unreadable ({exc}); re-provision the kit") from None
+    try:
+        parsed = parse(_KitFile, raw)
+        tables = {name: parse(kind, getattr(parsed, name)) for name, kind in
+                  (("broker", BrokerAccess), ("dataset", DatasetRef))}
+        FederationConfig.from_dict(parsed.config)
+    except (SchemaError, ConfigError) as exc:
+        raise KitError(f"{path}: {exc}; re-provision the kit") from None
+    kit = Kit(directory=directory, **{**{f.name: getattr(parsed, f.name)
+                                         for f in dataclasses.fields(_KitFile)}, **tables})
     if (path.name == SERVER_FILE) != kit.is_server:
         raise KitError(f"{path}: device {kit.device!r} does not belong in {path.name}")
-    if kit.role not in ROLES:
-        raise KitError(f"{path}: role {kit.role!r} is not one of {', '.join(ROLES)}; "
-                       "re-provision the kit")
     return kit
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from fededge.errors import FedEdgeError
+from fededge.learn.zoo import estimate_cost, zoo_for
 
 BUILTIN_DATASETS = ("digits", "wine")
 STD_FLOOR = 1e-6
@@ -89,6 +90,7 @@ def _wine() -> Dataset:
 def _load_npz(path: Path) -> Dataset:
     arrays = _read_npz(path)
     X = _check_features(path, "X", arrays["X"])
+    _check_supported(path, X.shape[1:])
     y = _check_labels(path, arrays["y"], len(X))
     num_classes = int(y.max()) + 1
     X_public = None
@@ -116,8 +118,15 @@ def load_private_npz(path: str | os.PathLike[str], input_shape: tuple[int, ...],
     return X, _check_labels(path, arrays["y"], len(X), num_classes)
 
 
+MAX_ARRAY_BYTES = 4 * 1024**3
+"""The largest array a ``.npz`` member may hold (4 GiB): a header may claim any shape, and numpy
+allocates what it claims before reading a byte."""
+NPZ_KEYS = ("X", "y", "X_public", "class_names")
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Read the known keys; never unpickles (object arrays are refused by numpy)."""
+    """Read the known keys; never unpickles, and checks every member's ``.npy`` header (magic,
+    dtype, shape against the member's size) before numpy allocates anything."""
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass the path of an existing .npz file")
     if not zipfile.is_zipfile(path):
@@ -125,14 +134,22 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             f"{path}: not a .npz archive; save your arrays with numpy.savez(path, X=X, y=y)"
         )
     try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()
+                       if info.filename.endswith(".npy")}
+            for key in NPZ_KEYS:
+                if key in members:
+                    _check_member(path, archive, members[key])
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.files)
-            arrays = {k: npz[k] for k in ("X", "y", "X_public", "class_names") if k in keys}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            arrays = {k: npz[k] for k in NPZ_KEYS if k in keys}
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise DataError(
-            f"{path}: cannot read arrays ({exc}); fededge loads no pickled objects, so store X, "
-            "y and X_public as numeric arrays and class_names as a string array"
-        ) from exc
+            f"{path}: cannot read arrays ({str(exc)[:200]}); fededge loads no pickled objects, "
+            "so store X, y and X_public as numeric arrays and class_names as a string array"
+        ) from None
     missing = [k for k in ("X", "y") if k not in arrays]
     if missing:
         raise DataError(
@@ -140,6 +157,48 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             "save with numpy.savez(path, X=X, y=y)"
         )
     return arrays
+
+
+def _check_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """A member ``K.npy`` is a real ``.npy`` whose header's shape and dtype account for exactly
+    the member's size, within ``MAX_ARRAY_BYTES``, and holds no objects."""
+    name = info.filename
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except Exception as exc:  # numpy's header parser raises many kinds (TokenError...)
+            raise DataError(f"{path}: member {name} is not a .npy array ({str(exc)[:120]}); "
+                            "save with numpy.savez(path, X=X, y=y)") from None
+        header = member.tell()
+    if dtype.hasobject:
+        raise DataError(f"{path}: member {name} holds Python objects (dtype {dtype}); fededge "
+                        "loads no pickled objects: store numbers and strings only")
+    count = 1
+    for side in shape:
+        count *= side
+    data = count * dtype.itemsize
+    if data > MAX_ARRAY_BYTES:
+        raise DataError(f"{path}: member {name} claims shape {shape} of {dtype} ({data:,} bytes)"
+                        f", more than fededge loads ({MAX_ARRAY_BYTES:,} bytes)")
+    if header + data != info.file_size:
+        raise DataError(f"{path}: member {name} claims shape {shape} of {dtype} ({data:,} bytes)"
+                        f" but holds {info.file_size - header:,}; the file is truncated or "
+                        "forged: save it again with numpy.savez")
+
+
+def _check_supported(path: Path, shape: tuple[int, ...]) -> None:
+    """Inputs some student of the zoo can take; the zoo's own error names the smallest."""
+    try:
+        estimate_cost(zoo_for(shape)[0], shape, 2)
+    except ValueError as exc:
+        raise DataError(f"{path}: X has samples of shape {tuple(shape)}, which no student "
+                        f"takes: {exc}") from None
 
 
 def _check_features(path: Path, key: str, X: np.ndarray) -> np.ndarray:

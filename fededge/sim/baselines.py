@@ -9,10 +9,15 @@ from typing import Any, Callable
 import numpy as np
 
 from fededge.config import FederationConfig
+from fededge.errors import FedEdgeError
 from fededge.federation import wiring
 from fededge.learn.data import FederatedSplit
 from fededge.learn.trainer import Trainer
-from fededge.sim.recipe import Participant
+from fededge.sim.recipe import Participant, SimulationError
+
+
+class _Stopped(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class BackgroundBaselines:
         self._students = [p.student for p in people]
         self._value: References | None = None
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="baselines", daemon=True)
         self._thread.start()
 
@@ -73,7 +79,7 @@ class BackgroundBaselines:
             self._on_progress(done, total)
             local = []
             for trainer, data in zip(self._local, split.clients):
-                trainer.fit(data.X, data.y, epochs=self._local_epochs)
+                self._fit(trainer, data.X, data.y, self._local_epochs)
                 local.append(trainer.accuracy(split.test_X, split.test_y))
                 done += 1
                 self._on_progress(done, total)
@@ -81,17 +87,42 @@ class BackgroundBaselines:
             pooled_y = np.concatenate([c.y for c in split.clients])
             central = {}
             for student, trainer in self._central.items():
-                trainer.fit(pooled_X, pooled_y, epochs=self._central_epochs)
+                self._fit(trainer, pooled_X, pooled_y, self._central_epochs)
                 central[student] = trainer.accuracy(split.test_X, split.test_y)
                 done += 1
                 self._on_progress(done, total)
             self._value = References(self._devices, local, [central[s] for s in self._students])
             self._on_done(self._value)
+        except _Stopped:
+            pass
         except BaseException as exc:  # re-raised in the caller's thread
             self._error = exc
 
+    def _fit(self, trainer: Trainer, X: np.ndarray, y: np.ndarray, epochs: int) -> None:
+        """``trainer.fit`` one epoch at a time (the same batches), so ``stop`` takes effect
+        within an epoch."""
+        for _ in range(epochs):
+            if self._stop.is_set():
+                raise _Stopped
+            trainer.fit(X, y, epochs=1)
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the baselines' thread, if it failed (None while it runs or after it
+        succeeded)."""
+        return self._error
+
+    def stop(self) -> None:
+        """End the thread after the epoch it is in (a run that is stopping needs no baselines)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+
     def result(self) -> References:
         self._thread.join()
+        if isinstance(self._error, FedEdgeError):
+            raise self._error
+        if isinstance(self._error, (ArithmeticError, ValueError)):  # e.g. a NaN training loss
+            raise SimulationError(f"the baselines failed: {self._error}") from None
         if self._error is not None:
             raise self._error
         assert self._value is not None

@@ -36,7 +36,7 @@ from fededge.federation.report import (
     union_seconds,
     write_plot,
 )
-from fededge.federation.server import FederationServer, ServerEvents
+from fededge.federation.server import FederationAborted, FederationServer, ServerEvents
 from fededge.federation.store import Store, StoreError
 from fededge.federation.strategies import strategy_pair
 from fededge.federation.strategies.base import ServerStrategy
@@ -133,11 +133,13 @@ def run_simulation(opts: SimulationOptions, on_step: OnStep = lambda step: None,
                  if opts.baselines else None)
     store = wiring.open_store(out)
     try:
-        fed = _federate(opts, plan, store, out, phases)
+        fed = _federate(opts, plan, store, out, phases, baselines)
         rows = round_rows(fed.server.metrics, fed.server.history)
         refs = baselines.result() if baselines is not None else None
         summary = _summary(opts, plan, fed, rows, refs, started)
     finally:
+        if baselines is not None:
+            baselines.stop()
         store.close()
     _write_outputs(out, plan, rows, summary, fed.config)
     return SimulationResult(summary, rows, out)
@@ -148,6 +150,9 @@ def prepare(opts: SimulationOptions) -> Plan:
     error a user's options can cause is raised here, before any work is shown or started."""
     if opts.clients < 1:
         raise SimulationError(f"--clients must be at least 1, got {opts.clients}")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise SimulationError(f"--out {opts.out}: exists and is not a directory; choose "
+                              "another run directory")
     if opts.broker not in BROKERS:
         raise SimulationError(f"unknown broker {opts.broker!r}; choose one of: "
                               f"{', '.join(BROKERS)}")
@@ -174,11 +179,13 @@ def _chunked(transport: MqttTransport, opts: SimulationOptions) -> Transport:
 
 
 def _federate(opts: SimulationOptions, plan: Plan, store: Store, out: Path,
-              phases: Phases) -> _Federated:
+              phases: Phases, baselines: BackgroundBaselines | None) -> _Federated:
     """Broker, server and one client per device, run to the federation's end."""
     with ExitStack() as stack:
         broker = _start_broker(opts.broker)
         stack.callback(broker.stop)
+        clients: list[FederationClient] = []
+        stack.callback(lambda: [client.stop() for client in clients])  # before the broker
 
         def connect(client_id: str, will: tuple[str, bytes] | None = None) -> Transport:
             transport = MqttTransport(client_id, broker.host, broker.port, will=will).connect()
@@ -205,17 +212,17 @@ def _federate(opts: SimulationOptions, plan: Plan, store: Store, out: Path,
         # A resumed run's file starts with the rounds it completed before it was stopped.
         metrics_log.restart(round_rows(server.metrics, server.history,
                                        upto=len(server.history)) if server.history else [])
-        clients = [device_client(plan.people, i, plan.split, plan.dataset, config,
-                                 connect(p.device_id,
-                                         will=FederationClient.last_will(config.federation,
-                                                                         p.device_id)),
-                                 out / "clients" / p.device_id, opts.straggle).start()
-                   for i, p in enumerate(plan.people)]
+        clients += [device_client(plan.people, i, plan.split, plan.dataset, config,
+                                  connect(p.device_id,
+                                          will=FederationClient.last_will(config.federation,
+                                                                          p.device_id)),
+                                  out / "clients" / p.device_id, opts.straggle).start()
+                    for i, p in enumerate(plan.people)]
         warmup = _WarmupWatch(clients, phases, len(server.history), config.rounds,
                               resumed=server.resumed_from_round is not None).start()
         stack.callback(warmup.stop)
         started = time.time()
-        server.run()
+        _run_watched(server, clients, broker, baselines, out)
         for client in clients:
             client.wait(timeout=config.deadline_s)
         ended = time.time()
@@ -257,6 +264,56 @@ class _WarmupWatch:
             self._stop.wait(0.25)
         if not self._stop.is_set() or self._resumed:
             self._phases.begin("rounds", self._completed, self._rounds)
+
+
+WATCH_S = 0.2
+
+
+def _run_watched(server: FederationServer, clients: list[FederationClient],
+                 broker: EmbeddedBroker | MosquittoBroker,
+                 baselines: BackgroundBaselines | None, out: Path) -> None:
+    """Run the server in a thread while this one watches every other part of the run: a
+    device whose worker failed (a NaN loss), a broker that stopped or failed baselines abort
+    the server within ``WATCH_S`` with that reason, and so does Ctrl-C (or SIGTERM, turned
+    into it by the command). Nothing is left waiting for a part that is gone."""
+    outcome: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            outcome.append(exc)
+    thread = threading.Thread(target=serve, name="server", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(WATCH_S)
+            failure = _failure(clients, broker, baselines)
+            if failure is not None:
+                server.abort(failure)
+    except KeyboardInterrupt:
+        server.abort("interrupted")
+        thread.join()
+        raise
+    if outcome:
+        exc = outcome[0]
+        if isinstance(exc, FederationAborted):
+            raise SimulationError(f"{exc}; {out} keeps the rounds done so far: fix the cause "
+                                  "and run the same command to resume") from None
+        raise exc
+
+
+def _failure(clients: list[FederationClient], broker: EmbeddedBroker | MosquittoBroker,
+             baselines: BackgroundBaselines | None) -> str | None:
+    """The first part of the run that failed, as one line, or None."""
+    for client in clients:
+        if client.error is not None:
+            return f"device {client.identity.device_id} failed: {client.error}"
+    if broker.failure() is not None:
+        return broker.failure()
+    if baselines is not None and baselines.error is not None:
+        return f"the baselines failed: {baselines.error}"
+    return None
 
 
 def _summary(opts: SimulationOptions, plan: Plan, fed: _Federated, rows: list[RoundRow],

@@ -94,6 +94,12 @@ class EmbeddedBroker:
                               f"{self._error or 'timeout'}. Is the port already in use?")
         return self
 
+    def failure(self) -> str | None:
+        """Why a started broker stopped serving (its thread ended), or None while it runs."""
+        if self._thread is not None and self._started.is_set() and not self._thread.is_alive():
+            return f"the embedded MQTT broker stopped ({self._error or 'its thread ended'})"
+        return None
+
     def stop(self) -> None:
         if self._loop is None or self._broker is None:
             return
@@ -176,6 +182,12 @@ class MosquittoBroker:
             raise BrokerError(f"mosquitto did not start listening on {self.host}:{self.port}: "
                               f"{out.strip() or 'no output'}")
         return self
+
+    def failure(self) -> str | None:
+        """Why a started broker stopped serving (its process exited), or None while it runs."""
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"mosquitto exited with status {self.proc.returncode}"
+        return None
 
     def stop(self) -> None:
         stop_process(self.proc)

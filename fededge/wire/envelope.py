@@ -9,6 +9,7 @@ Structured, non-tensor fields travel as one JSON document under the metadata key
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -21,10 +22,16 @@ from safetensors.numpy import save as st_save
 # Topic names and ids live in ``topics`` (standard library only, for the edge agent); callers
 # keep reaching them as ``protocol.Topics`` and so on.
 from fededge.config import MAX_PAYLOAD
+from fededge.wire import boundedjson
 from fededge.wire.topics import SERVER_ID, ProtocolError, Topics, validate_id
 
 SCHEMA_VERSION = "1"
 MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 64
+MAX_ROUND = 1_000_000
+"""Rounds, attempts and counts beyond this are refused before they reach SQLite or numpy."""
+_ROUND = re.compile(r"\A(0|[1-9][0-9]{0,6})\Z")  # a round as written by ``encode``: no sign,
+                                                # spaces, '_' or non-ASCII digits
 
 KIND_CONFIG = "config"
 KIND_ROUND = "round"
@@ -71,9 +78,16 @@ def encode(msg: Message) -> bytes:
         "kind": msg.kind,
         "sender": msg.sender,
         "round": str(int(msg.round)),
-        "json": json.dumps(msg.info, separators=(",", ":"), sort_keys=True),
+        "json": _json(msg.info),
     }
     return st_save({k: np.ascontiguousarray(v) for k, v in msg.tensors.items()}, metadata=metadata)
+
+
+def _json(info: dict[str, Any]) -> str:
+    try:
+        return json.dumps(info, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"message fields cannot be sent: {exc}") from None
 
 
 def _read_header(payload: bytes) -> dict[str, Any]:
@@ -83,11 +97,13 @@ def _read_header(payload: bytes) -> dict[str, Any]:
     if header_len > MAX_HEADER_BYTES or header_len > len(payload) - 8:
         raise ProtocolError(f"safetensors header length {header_len} is out of bounds")
     try:
-        header = json.loads(payload[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"safetensors header is not JSON: {exc}") from None
+        header = boundedjson.loads(bytes(payload[8:8 + header_len]), max_depth=4)
+    except ProtocolError as exc:
+        raise ProtocolError(f"safetensors header is not JSON within limits: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("safetensors header is not a JSON object")
+    if len(header) > MAX_TENSORS + 1:
+        raise ProtocolError(f"payload holds {len(header) - 1} tensors (at most {MAX_TENSORS})")
     return header
 
 
@@ -109,8 +125,10 @@ def decode(payload: bytes, *, topic: str | None = None, topics: Topics | None = 
            max_bytes: int = MAX_PAYLOAD) -> Message:
     """Parse and validate everything that does not depend on round state.
 
-    Checks: size limit, header bounds, schema version, known kind, well-formed sender and round,
-    sender equal to the device named by the topic, accepted dtypes, finite floats.
+    Checks: size limit, header bounds, JSON within depth, size and number limits
+    (``boundedjson``), schema version, known kind, well-formed sender and round (an integer in
+    [0, ``MAX_ROUND``]), sender equal to the device named by the topic, accepted dtypes, finite
+    floats.
     """
     if len(payload) > max_bytes:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
@@ -119,12 +137,9 @@ def decode(payload: bytes, *, topic: str | None = None, topics: Topics | None = 
     sender = meta["sender"]
     if sender != SERVER_ID:
         validate_id(sender, "sender")
-    try:
-        rnd = int(meta["round"])
-    except ValueError:
-        raise ProtocolError(f"round {meta['round']!r} is not an integer") from None
-    if rnd < 0:
-        raise ProtocolError(f"round {rnd} is negative")
+    if not _ROUND.match(meta["round"]) or int(meta["round"]) > MAX_ROUND:
+        raise ProtocolError(f"round {meta['round']!r:.40} is not an integer in [0, {MAX_ROUND}]")
+    rnd = int(meta["round"])
     if topic is not None and topics is not None:
         owner = topics.device_of(topic)
         if owner is not None and owner != sender:
@@ -135,15 +150,15 @@ def decode(payload: bytes, *, topic: str | None = None, topics: Topics | None = 
         if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES:
             raise ProtocolError(f"tensor {name!r} has an unsupported dtype {spec!r:.60}")
     try:
-        info = json.loads(meta["json"])
-    except json.JSONDecodeError as exc:
+        info = boundedjson.loads(meta["json"])
+    except ProtocolError as exc:
         raise ProtocolError(f"metadata json is invalid: {exc}") from None
     if not isinstance(info, dict):
         raise ProtocolError("metadata json is not an object")
     try:
         tensors = st_load(bytes(payload))
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise ProtocolError(f"tensor data is malformed: {exc}") from None
+    except (SafetensorError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        raise ProtocolError(f"tensor data is malformed: {str(exc)[:200]}") from None
     for name, arr in tensors.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise ProtocolError(f"tensor {name!r} holds NaN or Inf")

@@ -30,6 +30,7 @@ import numpy as np
 
 from fededge.config import ConfigError, FederationConfig
 from fededge.wire.envelope import (
+    MAX_ROUND,
     KIND_CONFIG,
     KIND_CONSENSUS,
     KIND_METRICS,
@@ -41,9 +42,10 @@ from fededge.wire.envelope import (
 )
 from fededge.wire.topics import SERVER_ID, ProtocolError
 
-MAX_ROUND = 1_000_000
-"""Rounds, attempts and counts beyond this are refused before they reach SQLite or numpy."""
 MAX_SAMPLES = 2**40
+MAX_INTERVALS = 10_000
+COUNTERS = ("sent_bytes", "received_bytes", "sent_messages", "received_messages")
+MAX_TIME = 1e10  # seconds since the epoch (year 2286): a compute interval beyond it is a lie
 ONLINE, OFFLINE = "online", "offline"
 ANNOUNCED = "announced."
 """Prefix of the round announcement's tensors inside a consensus message. Carrying them makes a
@@ -263,13 +265,14 @@ class MetricsMessage:
                 and 0 <= counters[k] <= 2**62 for k in ("sent_bytes", "received_bytes")):
             raise ProtocolError("metrics bytes lack non-negative sent_bytes/received_bytes")
         intervals = info.get("compute_intervals", [])
-        if not isinstance(intervals, list) or not all(
+        if not isinstance(intervals, list) or len(intervals) > MAX_INTERVALS or not all(
                 isinstance(iv, list) and len(iv) == 2 and all(
-                    isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
-                    for t in iv) for iv in intervals):
-            raise ProtocolError("metrics compute_intervals are not [start, end] pairs")
-        kept = {k: int(v) for k, v in counters.items()
-                if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**62}
+                    isinstance(t, (int, float)) and not isinstance(t, bool)
+                    and 0 <= t <= MAX_TIME for t in iv) and iv[0] <= iv[1] for iv in intervals):
+            raise ProtocolError(f"metrics compute_intervals are not at most {MAX_INTERVALS} "
+                                "[start, end] pairs of times with start <= end")
+        kept = {k: int(v) for k, v in counters.items() if k in COUNTERS
+                and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**62}
         return cls(msg.sender, msg.round, run_id, kept, accuracy,
                    tuple((float(a), float(b)) for a, b in intervals),
                    str(info.get("student", ""))[:200], str(info.get("profile", ""))[:200])

@@ -7,10 +7,10 @@ check the ids it turns into topic levels and directory names.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from fededge.errors import FedEdgeError
+from fededge.names import ID_RULE, is_id
 
 SERVER_ID = "server"
 AGENT_ROLE, DEPLOY_ROLE = "agent", "deploy"
@@ -22,19 +22,14 @@ MAX_CHUNKS = 500
 retained chunk at once, and Mosquitto drops QoS-1 messages past a client's queue (at least
 1000 in fededge's conf; ``mosquitto_files.queue_size``): keep a bundle well below that."""
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
 class ProtocolError(FedEdgeError, ValueError):
     """A payload or topic that breaks the protocol; the message is the logged rejection reason."""
 
 
 def validate_id(value: str, what: str = "device id") -> str:
     """Ids become MQTT topic levels and file names, so wildcards, slashes and spaces are banned."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise ProtocolError(
-            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit")
+    if not is_id(value):
+        raise ProtocolError(f"invalid {what} {value!r:.80}: use {ID_RULE}")
     return value
 
 

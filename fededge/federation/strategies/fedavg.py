@@ -31,6 +31,15 @@ def _weights_payload(phase: str, weights: np.ndarray, **info: Any) -> Payload:
     return Payload(info={"phase": phase, **info}, tensors={"weights": weights})
 
 
+def _weights(consensus: Payload, size: int) -> np.ndarray:
+    """A consensus' float32 weight vector of ``size`` values; ``ProtocolError`` otherwise (a
+    hostile server or broker gets the message ignored, not the device crashed)."""
+    weights = consensus.tensors.get("weights")
+    if weights is None or weights.dtype != np.float32 or weights.shape != (size,):
+        raise ProtocolError(f"consensus weights are not {size} float32 values")
+    return weights
+
+
 class FedAvgServer(ServerStrategy):
     """FedAvg (McMahan et al., 2017) for a homogeneous federation: every device trains
     ``config.student``. Each round the devices train ``local_epochs`` on their private data from
@@ -80,7 +89,7 @@ class FedAvgClient(ClientStrategy):
         return _weights_payload(PHASE_WEIGHTS, ctx.trainer.weights())
 
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
-        ctx.trainer.load_weights(consensus.tensors["weights"])
+        ctx.trainer.load_weights(_weights(consensus, ctx.trainer.params))
 
 
 class FedAvgKDServer(FedAvgServer):
@@ -151,7 +160,7 @@ class FedAvgKDClient(ClientStrategy):
         return _weights_payload(PHASE_TEACHER, self.teacher.weights())
 
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
-        weights = consensus.tensors["weights"]
+        weights = _weights(consensus, parameter_count(self.config, self.teacher_name))
         if consensus.info.get("phase") == PHASE_DISTILL:
             self._distill(ctx, weights)
         elif self.teacher is not None:

@@ -15,7 +15,7 @@ from fededge.federation.strategies.base import (
 from fededge.learn.aggregate import SHARPENED_AGGREGATORS, get_aggregator
 from fededge.learn.privacy import LocalPrivacy
 from fededge.wire.codecs import codec_for
-from fededge.wire.envelope import TensorSpec
+from fededge.wire.envelope import Message, TensorSpec, require_tensors
 from fededge.wire.messages import Payload, decode_rows, encode_rows
 from fededge.wire.topics import ProtocolError
 
@@ -58,9 +58,13 @@ class FedMDServer(ServerStrategy):
 
     def check(self, reply: Reply) -> None:
         counts = reply.payload.tensors.get("class_counts")
-        if counts is not None and ((counts < 0).any() or int(counts.sum()) != reply.samples):
-            raise ProtocolError(f"class_counts {counts.tolist()} are negative or do not sum to "
-                                f"the {reply.samples} samples declared")
+        if counts is not None:
+            # Python ints: an int64 sum of [2**62] * 4 + ... wraps around to anything.
+            values = [int(c) for c in counts.tolist()]
+            if any(not 0 <= c <= reply.samples for c in values) or sum(values) != reply.samples:
+                raise ProtocolError(f"class_counts do not sum to the {reply.samples} samples "
+                                    f"declared, or one is negative or exceeds them: "
+                                    f"{str(values)[:120]}")
         self.codec.decode(reply.payload.tensors)
 
     def aggregate(self, rnd: int, announcement: Payload, replies: list[Reply]) -> Payload:
@@ -100,6 +104,10 @@ class FedMDClient(ClientStrategy):
 
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
         rows = ctx.public_X[announced_rows(announcement, len(ctx.public_X))]
+        # A consensus is checked as strictly as an upload: a hostile broker or server gets it
+        # ignored (ProtocolError), never a crashed device.
+        require_tensors(Message("consensus", "server", 0, {}, consensus.tensors),
+                        self.codec.specs(len(rows)))
         teacher = self.codec.decode(consensus.tensors)
         ctx.trainer.distill(rows, teacher, epochs=self.config.distill_epochs,
                             temperature=self.config.temperature, alpha=1.0)
