@@ -84,6 +84,13 @@ def test_store_adopts_its_run_and_refuses_other_settings(split, tmp_path):
     again = Store(tmp_path)
     adopted, resumed = again.begin(config.replace(run_id="another"), {"clients": 3})
     assert resumed and adopted.run_id == config.run_id, "a restart must keep the run id"
+    # Before any round completed, other settings start afresh (nothing to resume)...
+    fresh = config.replace(rounds=5, run_id="fresh")
+    assert again.begin(fresh, {"clients": 3}) == (fresh, False)
+    # ...once one did, they are refused: the completed rounds would be lost.
+    again.begin(config, {"clients": 3})
+    again.open_attempt(1, 1, ["dev0"])
+    again.save_round(1, 1, ["dev0"], b"consensus")
     with pytest.raises(StoreError, match="other settings.*rounds 3 ≠ 5"):
         again.begin(config.replace(rounds=5), {"clients": 3})
     with pytest.raises(StoreError, match="clients 3 ≠ 4"):
