@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-stamp
 DEMO_OUT   ?= runs/demo
 
-.PHONY: demo test bench mosquitto systemd-analyze clean
+.PHONY: demo test bench mosquitto chromium systemd-analyze screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ mosquitto:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else \
 		echo "mosquitto is missing; its tests will be skipped. Install it with: sudo apt-get install -y mosquitto"; \
+	fi
+
+# tests/test_dashboard.py renders the dashboard in headless Chromium (Debian package chromium;
+# no browser is downloaded). As root we install it; otherwise we say how.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (Debian package, for the dashboard's browser test)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is missing; the dashboard's browser test will be skipped. Install it with: sudo apt-get install -y chromium"; \
 	fi
 
 # tests/test_install_assets.py checks the systemd units with `systemd-analyze verify` (package
@@ -48,7 +59,7 @@ demo: $(STAMP)
 	$(FEDEDGE) infer "$$(ls -d $(DEMO_OUT)/export/*/ | head -n 1)" $(DEMO_OUT)/test.npz
 
 # lint-imports checks the layer contracts of pyproject.toml ([tool.importlinter]).
-test: $(STAMP) mosquitto systemd-analyze
+test: $(STAMP) mosquitto chromium systemd-analyze
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
@@ -69,6 +80,11 @@ ARM64_ARGS  ?=
 .PHONY: test-arm64
 test-arm64: $(STAMP) mosquitto
 	$(PY) tests/arm64/run_arm64.py --cache "$(ARM64_CACHE)" $(ARM64_ARGS)
+
+# docs/dashboard.png: the dashboard of a demo-sized simulation, taken by headless Chromium
+# halfway through its rounds.
+screenshot: $(STAMP) chromium
+	$(PY) docs/dashboard_screenshot.py docs/dashboard.png
 
 clean:
 	rm -rf runs .pytest_cache

@@ -68,7 +68,7 @@ def test_straggle_and_settings_reach_the_simulation(monkeypatch, tmp_path):
 
     seen = {}
 
-    def capture(opts, on_round):
+    def capture(opts, *args):
         seen["opts"] = opts
         raise ConfigError("stop here")
 

@@ -276,6 +276,21 @@ def _simulate(out, *extra, baselines: bool = False):
          "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def _completed_rounds(out) -> set[int]:
+    """Rounds whose every accepted device reported its metrics, per the server's store (round
+    0, the warm-up, with round 1)."""
+    store = Store(out, readonly=True)
+    try:
+        metrics = store.metrics()
+        done = {c.round for c in store.closed_rounds() if set(c.accepted) <= set(
+            metrics.get(c.round, {}))}
+    except Exception:  # schema being created
+        done = set()
+    finally:
+        store.close()
+    return done | ({0} if 1 in done else set())
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_simulate_stopped_mid_run_resumes_in_the_same_out_dir(tmp_path, stop):
     """SIGKILL leaves what was committed; Ctrl-C (SIGINT) and SIGTERM stop the run cleanly
@@ -284,17 +299,14 @@ def test_simulate_stopped_mid_run_resumes_in_the_same_out_dir(tmp_path, stop):
     out = tmp_path / "run"
     proc = _simulate(out, baselines=stop != signal.SIGKILL)
     deadline = time.monotonic() + 240
+    completed: set[int] = set()
     while time.monotonic() < deadline and proc.poll() is None:
         if Store.exists(out):
-            store = Store(out, readonly=True)
-            try:
-                closed = len(store.closed_rounds())
-            except Exception:  # schema being created
-                closed = 0
-            store.close()
-            if closed >= 1:
+            completed = _completed_rounds(out)
+            if 1 in completed:
                 break
         time.sleep(0.1)
+    time.sleep(0.5)  # a round the store shows complete has had its line appended by now
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
     proc.send_signal(stop)
     stopped_output = proc.communicate(timeout=60)[0].decode()
@@ -303,6 +315,11 @@ def test_simulate_stopped_mid_run_resumes_in_the_same_out_dir(tmp_path, stop):
         assert "interrupted:" in stopped_output and "to resume" in stopped_output
         assert "Traceback" not in stopped_output and "terminate called" not in stopped_output
     killed_after = len(Store(out, readonly=True).closed_rounds())
+    # The stopped run left every round it completed in metrics.jsonl, one valid line each.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(len(rows)))
+    assert completed <= {r["round"] for r in rows}, (completed, rows)
+    assert not (out / "summary.json").exists()
 
     again = _simulate(out)
     output = again.communicate(timeout=240)[0].decode()

@@ -6,11 +6,13 @@ its path fails the test instead of passing on this machine, where torch is insta
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import urllib.request
 
-from helpers import BLOCKED_MARK, blocked_env, run_blocked, stdout_of
+from helpers import BLOCKED_MARK, EDGE_BLOCKED, blocked_env, run_blocked, stdout_of
 from kit_helpers import REPO, federation_file
 
 from fededge.transport.brokers import free_port, wait_for_port
@@ -57,3 +59,38 @@ def test_the_embedded_broker_without_torch(tmp_path):
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=60)[0]
     assert "Traceback" not in output, output
+
+
+def test_import_fededge_is_light_and_its_api_loads_on_first_use(tmp_path):
+    code = ("import sys, fededge\n"
+            "heavy = [m for m in ('torch', 'numpy', 'rich', 'fededge.api', 'fededge.sim') "
+            "if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert {'simulate', 'export', 'load_model'} <= set(dir(fededge))\n"
+            "from fededge import load_model\n"
+            "assert 'fededge.api' in sys.modules and 'torch' not in sys.modules\n"
+            "print(fededge.__version__, load_model.__name__)\n")
+    out = stdout_of(run_blocked(tmp_path, EDGE_BLOCKED, ["-c", code], cwd=REPO))
+    assert "load_model" in out
+
+
+def test_the_dashboard_of_a_server_kit_without_the_training_side(tmp_path):
+    """`pip install fededge[dashboard]` on an edge install: it serves a kit's state."""
+    kits = tmp_path / "kits"
+    stdout_of(_cli(tmp_path, "provision", str(federation_file(tmp_path)), "--out", str(kits)))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fededge.cli", "dashboard",
+                             str(kits / "server"), "--port", str(port)], cwd=REPO,
+                            env=blocked_env(tmp_path, EDGE_BLOCKED), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for_port("127.0.0.1", port, 30), proc.communicate(timeout=30)[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10) as r:
+            state = json.load(r)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert state["source"]["kind"] == "kit" and state["status"] == "preparing"
+    assert {d["id"] for d in state["devices"]} >= {"pi5-kitchen"}
+    assert all(d["status"] == "not seen" for d in state["devices"])
+    assert "Traceback" not in output and "dashboard of" in output, output

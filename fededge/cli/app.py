@@ -3,27 +3,38 @@ user can cause are printed as one line naming the bad input, never as a tracebac
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from fededge.cli.model import export_cmd, infer_cmd
-from fededge.cli.output import console, fail, interruptible
+from fededge.cli.output import configure_output, console, fail, interruptible, pct
+from fededge.cli.tables import Col, fit_table, rounds_table
 from fededge.errors import FedEdgeError
-from fededge.federation.report import human_bytes, rounds_table
+from fededge.federation.report import human_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Federated knowledge distillation for heterogeneous edge devices.")
+                  help="Federated knowledge distillation for heterogeneous edge devices. "
+                       "Results go to stdout; progress, warnings and notes to stderr.")
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log protocol events.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log protocol "
+                                      "events (joins, rounds, uploads) with their source."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results and "
+                                    "errors: no progress, warnings or notes.")) -> None:
+    if verbose and quiet:
+        fail("pass -v (more) or -q (less), not both")
+    configure_output(verbose=verbose, quiet=quiet)
+
+
+DEVICE_COLUMNS = (
+    Col("profile", keep=True), Col("arch", drop=6), Col("RAM", justify="right", drop=3),
+    Col("peak GFLOPS", "GFLOPS", justify="right", drop=4), Col("student", keep=True),
+    Col("params", justify="right"), Col("MFLOPs", justify="right", drop=5),
+    Col("train mem", "train", justify="right", drop=1),
+    Col("latency", "ms", justify="right", drop=2))
 
 
 @app.command()
@@ -39,31 +50,28 @@ def devices(data: Optional[str] = typer.Option(
         choices = describe_catalog(tuple(dataset.input_shape), dataset.num_classes)
     except FedEdgeError as exc:
         fail(exc)
-    table = Table(title=f"Device profiles → students for {dataset.name} "
-                        f"(input {'×'.join(map(str, dataset.input_shape))}, "
-                        f"{dataset.num_classes} classes)")
-    for col, justify in (("profile", "left"), ("arch", "left"), ("RAM", "right"),
-                         ("peak GFLOPS", "right"), ("student", "left"), ("params", "right"),
-                         ("MFLOPs", "right"), ("train mem", "right"), ("latency", "right")):
-        table.add_column(col, justify=justify)
+    rows = []
     for c in choices:
         p = c.profile
         student = c.student or "[red]none fits[/]"
         if c.inference_only and c.student:
             student += " (inference only)"
         cost = c.cost
-        table.add_row(p.name, p.arch, f"{p.ram_mb / 1024:.1f} GiB", f"{p.peak_gflops:,.0f}",
-                      student, f"{cost.params:,}" if cost else "—",
-                      f"{cost.flops / 1e6:.2f}" if cost else "—",
-                      human_bytes(cost.train_memory_bytes) if cost and p.can_train else "—",
-                      f"{c.latency_ms:.3f} ms" if c.latency_ms is not None else "—")
-    console.print(table)
+        rows.append((p.name, p.arch, f"{p.ram_mb / 1024:.1f} GiB", f"{p.peak_gflops:,.0f}",
+                     student, f"{cost.params:,}" if cost else "—",
+                     f"{cost.flops / 1e6:.2f}" if cost else "—",
+                     human_bytes(cost.train_memory_bytes) if cost and p.can_train else "—",
+                     f"{c.latency_ms:.3f}" if c.latency_ms is not None else "—"))
+    console.print(fit_table(console, DEVICE_COLUMNS, rows,
+                            title=f"Device profiles → students for {dataset.name} "
+                                  f"(input {'×'.join(map(str, dataset.input_shape))}, "
+                                  f"{dataset.num_classes} classes; latency in ms)"))
 
 
 @app.command()
 def simulate(
     data: Optional[str] = typer.Option(None, help="digits (default), wine, or PATH.npz with X, y "
-                                                  "and optional X_public."),
+                                                  "and optional X_public and class_names."),
     clients: int = typer.Option(10, help="Number of simulated devices."),
     rounds: int = typer.Option(20, help="Federation rounds."),
     partition: str = typer.Option("dirichlet", help="iid, dirichlet or shards."),
@@ -79,10 +87,12 @@ def simulate(
     profiles: Optional[str] = typer.Option(None, help="Comma-separated device profiles assigned "
                                                       "round-robin (default: all that train)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run directory for metrics, plot and "
-                                                        "checkpoints."),
+                                                        "checkpoints; rerunning with the same "
+                                                        "--out resumes an unfinished run."),
     broker: str = typer.Option("embedded", help="embedded (amqtt, in-process) or mosquitto "
                                                 "(a local mosquitto process)."),
-    baselines: bool = typer.Option(True, help="Also train local-only and centralized baselines."),
+    baselines: bool = typer.Option(True, help="Also train local-only and centralized baselines "
+                                              "(--no-baselines: skip them)."),
     student: Optional[str] = typer.Option(None, help="Every device trains this student (default: "
                                                      "each profile picks; fedavg: the largest "
                                                      "all can train)."),
@@ -96,37 +106,31 @@ def simulate(
     settings: Optional[list[str]] = typer.Option(None, "--set", help="Federation setting "
                                                  "KEY=VALUE, repeatable (e.g. --set "
                                                  "local_epochs=5)."),
+    dashboard: Optional[int] = typer.Option(None, "--dashboard", min=0, max=65535,
+                                            metavar="PORT", help="Serve the live dashboard on "
+                                            "127.0.0.1:PORT while the run lasts (0: any free "
+                                            "port); afterwards `fededge dashboard OUT`."),
 ) -> None:
     """Run a whole federation on this machine: broker, server and clients over real MQTT."""
-    from fededge.sim.simulate import SimulationOptions, run_simulation
+    from fededge import api
+    from fededge.cli.progress import simulation_progress
 
-    opts = SimulationOptions(
-        data=data, clients=clients, rounds=rounds, partition=partition, alpha=alpha, seed=seed,
-        aggregator=aggregator, strategy=strategy, out=out, broker=broker, baselines=baselines,
-        profiles=[p for p in profiles.split(",") if p.strip()] if profiles else None,
-        student=student, max_message=max_message, straggle=straggle,
-        overrides={"logit_codec": codec, **_settings(settings or [])})
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                        TimeElapsedColumn(), console=console)
-    with progress:
-        task = progress.add_task("federating", total=rounds, status="preparing data")
-
-        def on_round(row, message: str) -> None:
-            if row is None:
-                progress.update(task, status=message)
-            else:
-                progress.update(task, completed=row.round,
-                                status=f"round {row.round}: mean accuracy "
-                                       f"{100 * (row.mean_accuracy or 0):.1f}%")
-        try:
-            with interruptible(f"the state is kept in {out}: run the same command (same "
-                               "--out) to resume"):
-                result = run_simulation(opts, on_round)
-        except FedEdgeError as exc:
-            progress.stop()
-            fail(exc)
+    try:
+        with simulation_progress() as on_step, interruptible(
+                f"the state is kept in {out}: run the same command (same --out) to resume"):
+            result = api.simulate(
+                data, clients=clients, rounds=rounds, partition=partition, alpha=alpha,
+                seed=seed, aggregator=aggregator, strategy=strategy, out=out, broker=broker,
+                baselines=baselines, student=student, max_message=max_message,
+                straggle=straggle, codec=codec, settings=_settings(settings or []),
+                profiles=[p for p in profiles.split(",") if p.strip()] if profiles else None,
+                dashboard=dashboard, progress=on_step)
+    except FedEdgeError as exc:
+        fail(exc)
     _print_simulation(result)
+    if dashboard is not None:
+        console.print(f"the dashboard stopped with the run; to look again: fededge dashboard "
+                      f"{out}", highlight=False)
 
 
 def _settings(items: list[str]) -> dict[str, object]:
@@ -148,20 +152,20 @@ def _settings(items: list[str]) -> dict[str, object]:
     return settings
 
 
+CLIENT_COLUMNS = (
+    Col("device", keep=True), Col("profile", keep=True, drop=2), Col("student", keep=True),
+    Col("params", justify="right", drop=1), Col("accuracy", "acc", justify="right"),
+    Col("local-only", "local", justify="right"),
+    Col("centralized", "central", justify="right"))
+
+
 def _print_simulation(result) -> None:
     s = result.summary
-    console.print(rounds_table(result.rows, title="Per-round results (all clients)"))
-    clients = Table(title="Clients")
-    for col in ("device", "profile", "student", "params", "accuracy", "local-only",
-                "centralized"):
-        clients.add_column(col, justify="left" if col in ("device", "profile", "student")
-                           else "right")
-    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    for c in s["clients"]:
-        clients.add_row(c["id"], c["profile"], c["student"], f"{c['params']:,}",
-                        pct(c["accuracy"]), pct(c.get("local_only_accuracy")),
-                        pct(c.get("centralized_accuracy")))
-    console.print(clients)
+    console.print(rounds_table(console, result.rows, title="Per-round results (all clients)"))
+    rows = [(c["id"], c["profile"], c["student"], f"{c['params']:,}", pct(c["accuracy"]),
+             pct(c.get("local_only_accuracy")), pct(c.get("centralized_accuracy")))
+            for c in s["clients"]]
+    console.print(fit_table(console, CLIENT_COLUMNS, rows, title="Clients"))
     console.print(
         f"[bold]{s['strategy']} mean accuracy {pct(s['mean_accuracy'])}[/] · local-only "
         f"{pct(s['local_only_mean_accuracy'])} · centralized {pct(s['centralized_mean_accuracy'])}"
@@ -191,4 +195,9 @@ from fededge.cli.deploy import agent_cmd, deploy_cmd  # noqa: E402
 
 app.command("deploy")(deploy_cmd)
 app.command("agent")(agent_cmd)
+
+# Watching a federation: a simulate run directory or a server kit (torch-free).
+from fededge.cli.dashboard import dashboard_cmd  # noqa: E402
+
+app.command("dashboard")(dashboard_cmd)
 

@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from fededge.cli.output import console, fail, interruptible
+from fededge.cli.tables import Col, fit_table
 from fededge.edge import service
 from fededge.edge.bundle import DEFAULT_CHUNK_BYTES
 from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes
+
+DEPLOY_COLUMNS = (Col("device", keep=True), Col("version", keep=True), Col("files", drop=2),
+                  Col("bytes", justify="right"), Col("chunks", justify="right", drop=1),
+                  Col("cleared", justify="right", drop=3))
 
 
 def deploy_cmd(
@@ -45,17 +49,12 @@ def deploy_cmd(
                              timeout=timeout, wait=wait)
     except (FedEdgeError, OSError) as exc:
         fail(exc)
-    table = Table(title="Deployed, retained on the broker until replaced (cleared: stale "
-                        "chunks of earlier versions)")
-    for col in ["device", "version", "files", "bytes", "chunks", "cleared"] + (
-            ["agent"] if wait else []):
-        text = col in ("device", "version", "agent")
-        table.add_column(col, justify="left" if text else "right", overflow="fold")
-    for r in results:
-        device = r.device if r.source is None else f"{r.device} (model of {r.source})"
-        table.add_row(device, r.version, str(r.files), human_bytes(r.bytes), str(r.chunks),
-                      str(r.cleared), *([r.agent] if wait else []))
-    console.print(table)
+    rows = [(r.device if r.source is None else f"{r.device} (model of {r.source})", r.version,
+             str(r.files), human_bytes(r.bytes), str(r.chunks), str(r.cleared),
+             *([r.agent] if wait else [])) for r in results]
+    columns = DEPLOY_COLUMNS + ((Col("agent", keep=True),) if wait else ())
+    console.print(fit_table(console, columns, rows, title="Deployed, retained on the broker "
+                            "until replaced (cleared: stale chunks of earlier versions)"))
     if wait and any(r.agent != "installed" for r in results):
         raise typer.Exit(code=1)
 

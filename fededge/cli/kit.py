@@ -11,10 +11,13 @@ from typing import Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from fededge.cli.output import console, fail, interruptible, pct
+from fededge.cli.output import console, fail, interruptible, note, pct
+from fededge.cli.tables import Col, fit_table
 from fededge.errors import FedEdgeError
+
+KIT_COLUMNS = (Col("device", keep=True), Col("profile", keep=True, drop=2),
+               Col("role", drop=1), Col("student", keep=True), Col("credentials", "creds"))
 
 
 def _privacy_line(report: dict | None) -> str:
@@ -43,22 +46,21 @@ def provision_cmd(
         result = provision(federation_file, out, revoke or [])
     except FedEdgeError as exc:
         fail(exc)
-    table = Table(title=f"Kits of federation {result.config.federation!r} in {result.out}")
-    for col in ("device", "profile", "role", "student", "credentials"):
-        table.add_column(col)
-    for d in result.devices:
-        student = d.student if d.model_from is None else f"{d.student} (model of {d.model_from})"
-        table.add_row(d.id, d.profile, d.role, student, d.status)
-    console.print(table)
+    rows = [(escape(d.id), escape(d.profile), d.role,
+             escape(d.student if d.model_from is None
+                    else f"{d.student} (model of {d.model_from})"), escape(d.status))
+            for d in result.devices]
+    console.print(fit_table(console, KIT_COLUMNS, rows, title=f"Kits of federation "
+                            f"{result.config.federation!r} in {result.out}"))
     for d in result.devices:
         if d.note:
-            console.print(f"[yellow]note:[/] {escape(d.note)}", highlight=False)
+            note(d.note)
     for device in result.revoked:
         console.print(f"revoked {device}: removed from the password file and ACL, kit deleted; "
                       "reload the broker (SIGHUP or `systemctl reload fededge-broker`)")
     for device in result.skipped:
-        console.print(f"[yellow]note:[/] {device} is still listed in {federation_file} but was "
-                      "revoked; it was skipped (give a replacement a new id)", highlight=False)
+        note(f"{device} is still listed in {federation_file} but was revoked; it was skipped "
+             "(give a replacement a new id)")
     console.print(f"{_privacy_line(privacy_report(result.config))}\n"
                   f"start: {result.out}/broker/start.sh, {result.out}/server/start.sh, then "
                   f"each device's start.sh; check a kit with `fededge verify-kit DIR`",
@@ -131,7 +133,7 @@ def server_cmd(
     join_timeout: float = typer.Option(300.0, help="Seconds to wait for the devices to join."),
 ) -> None:
     """Run the federation server from its kit: publish the config, drive every round."""
-    from fededge.federation.report import rounds_table
+    from fededge.cli.tables import rounds_table
     from fededge.federation.server import ServerEvents
     from fededge.kits.kit import load_kit
     from fededge.kits.run import run_server
@@ -149,7 +151,7 @@ def server_cmd(
                               events=ServerEvents(on_round_closed=closed))
     except FedEdgeError as exc:
         fail(exc)
-    console.print(rounds_table(done.rows, title="Per-round results (all devices)"))
+    console.print(rounds_table(console, done.rows, title="Per-round results (all devices)"))
     console.print(f"federation done: {done.rounds} rounds, {done.accepted} uploads accepted, "
                   f"{done.rejected} rejected", highlight=False)
 

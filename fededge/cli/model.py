@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import typer
+from rich.console import RenderableType
 from rich.table import Table
 
-from fededge.cli.output import console, fail, pct
+from fededge.cli.output import console, fail, note, pct
+from fededge.cli.tables import Col, fit_table
 from fededge.edge import runtime
 from fededge.edge.installs import InstallError, Installs
 from fededge.errors import FedEdgeError
@@ -49,33 +51,35 @@ def export_cmd(
     console.print(_export_table(results))
     for r in results:
         if r.int8 is not None and r.int8.quantized_layers == 0:
-            console.print(
-                f"[yellow]note: {r.device} ({r.student}) has only a first and a last layer, "
-                "which stay float32, so its model.int8.onnx is no smaller[/]", highlight=False,
-                soft_wrap=True)
+            note(f"{r.device} ({r.student}) has only a first and a last layer, which stay "
+                 "float32, so its model.int8.onnx is no smaller")
         if r.int8 is not None and r.int8.lossy:
-            console.print(
-                f"[yellow]warning: {r.device} ({r.student}) loses "
-                f"{-100 * r.int8.accuracy_delta:.1f} points of test accuracy as int8; ship "
-                "model.onnx there, or retrain before quantizing[/]", highlight=False,
-                soft_wrap=True)
+            note(f"{r.device} ({r.student}) loses {-100 * r.int8.accuracy_delta:.1f} points of "
+                 "test accuracy as int8; ship model.onnx there, or retrain before quantizing",
+                 label="warning")
     for r in results:
         console.print(f"wrote {r.out_dir}", highlight=False)
 
 
-def _export_table(results: list[ExportResult]) -> Table:
-    table = Table(title="Exported students (accuracy on the run's test split, onnxruntime)")
-    for col in ("device", "student", "params", "fp32 size", "int8 size", "fp32 acc", "int8 acc",
-                "Δ points", "max |Δ logit|"):
-        table.add_column(col, justify="left" if col in ("device", "student") else "right")
+EXPORT_COLUMNS = (
+    Col("device", keep=True), Col("student", keep=True), Col("params", justify="right", drop=3),
+    Col("fp32 size", "fp32", justify="right", drop=4), Col("int8 size", "int8", justify="right"),
+    Col("fp32 acc", "acc", justify="right"), Col("int8 acc", "acc8", justify="right"),
+    Col("Δ points", "Δ", justify="right", drop=2),
+    Col("max |Δ logit|", "parity", justify="right", keep=True, drop=1))
+
+
+def _export_table(results: list[ExportResult]) -> RenderableType:
+    rows = []
     for r in results:
         q = r.int8
-        table.add_row(
+        rows.append((
             r.device, r.student, f"{r.params:,}", human_bytes(r.fp32_bytes),
             "—" if q is None else f"{human_bytes(q.bytes)} ({100 * q.size_ratio:.0f}%)",
             pct(r.accuracy), "—" if q is None else pct(q.accuracy),
-            "—" if q is None else f"{100 * q.accuracy_delta:+.1f}", f"{r.max_abs_diff:.1e}")
-    return table
+            "—" if q is None else f"{100 * q.accuracy_delta:+.1f}", f"{r.max_abs_diff:.1e}"))
+    return fit_table(console, EXPORT_COLUMNS, rows, title="Exported students (accuracy on the "
+                     "run's test split, onnxruntime)")
 
 
 def infer_cmd(

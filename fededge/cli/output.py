@@ -1,8 +1,16 @@
-"""What every fededge command prints through: one console, the one-line error exit, and
-percentages. Torch-free (the device commands import it)."""
+"""What every fededge command prints through: results on stdout (``console``), progress,
+warnings and notes on stderr (``err_console``), the one-line error exit, and percentages.
+Torch-free (the device commands import it).
+
+Results go to stdout so that ``fededge simulate > results.txt`` or ``fededge devices | cat``
+keep only them; progress and warnings go to stderr, where ``-q`` silences them. Warnings of
+fededge's own loggers are visible by default (quorum retries, rejected uploads); ``-v`` adds
+the protocol's events, with their source and time.
+"""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,6 +22,47 @@ from rich.console import Console
 from rich.markup import escape
 
 console = Console(soft_wrap=True)  # long paths stay on one line, whole
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log records as lines on ``err_console``, above any live progress display."""
+
+    def __init__(self, detailed: bool) -> None:
+        super().__init__()
+        self.detailed = detailed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if self.detailed:
+                message = f"{self.formatter.formatTime(record, '%H:%M:%S')} {record.name}: " \
+                          f"{message}" if self.formatter else f"{record.name}: {message}"
+            level = record.levelname.lower()
+            style = {"warning": "yellow", "error": "bold red", "critical": "bold red"}.get(level)
+            label = f"[{style}]{level}:[/] " if style else f"{level}: "
+            err_console.print(label + escape(message), highlight=False)
+        except Exception:  # a display problem must never break the command
+            self.handleError(record)
+
+
+def configure_output(verbose: bool = False, quiet: bool = False) -> None:
+    """``-v``: fededge's protocol events too; ``-q``: only results and errors."""
+    err_console.quiet = quiet
+    handler = _ConsoleHandler(detailed=verbose)
+    handler.setFormatter(logging.Formatter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.ERROR)  # other libraries (amqtt, paho): their errors only
+    logging.getLogger("fededge").setLevel(
+        logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
+
+
+def note(message: str, *, style: str = "yellow", label: str = "note") -> None:
+    """A remark beside the results (``-q`` silences it)."""
+    err_console.print(f"[{style}]{label}:[/] {escape(message)}", highlight=False)
 
 
 def fail(problem: BaseException | str, code: int = 2) -> NoReturn:

@@ -232,6 +232,42 @@ def _export_checkpoint(
     client_dir: Path, data: EvalData, out_dir: Path, quantize: str | None, int8_max_loss: float
 ) -> ExportResult:
     """Rebuild one device's student from its checkpoint and export it."""
+    student = load_student(client_dir)
+    return export_student(student.model, student.meta, data, out_dir, profile=student.profile,
+                          quantize=quantize, int8_max_loss=int8_max_loss)
+
+
+@dataclass(frozen=True)
+class TrainedStudent:
+    """A device's trained student as PyTorch holds it, predicting from raw features like an
+    exported model does (``edge.runtime.EdgeModel``: ``logits``, ``predict``)."""
+
+    model: torch.nn.Module
+    meta: StudentMeta
+    profile: DeviceProfile
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta.class_names
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) for raw features X, standardized as in training."""
+        X = np.asarray(X, dtype=np.float32)
+        if X.shape[1:] != self.meta.input_shape:
+            shape = ", ".join(map(str, self.meta.input_shape))
+            raise ExportError(f"input shape: expected (N, {shape}), got {X.shape}")
+        standardized = Standardizer.from_dict(self.meta.preprocessing).apply(X)
+        with torch.inference_mode():
+            return self.model.eval()(torch.from_numpy(standardized)).numpy()
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted class indices and their softmax probabilities."""
+        return runtime.softmax_top(self.logits(X))
+
+
+def load_student(client_dir: str | Path) -> TrainedStudent:
+    """A device's student from its checkpoint (``student.json`` + ``student.safetensors``)."""
+    client_dir = Path(client_dir)
     meta_path, weights_path = client_dir / "student.json", client_dir / "student.safetensors"
     for path in (meta_path, weights_path):
         if not path.is_file():
@@ -253,8 +289,7 @@ def _export_checkpoint(
         raise ExportError(
             f"{weights_path}: weights do not fit student {meta.student!r} ({last})"
         ) from None
-    return export_student(model, meta, data, out_dir, profile=profile, quantize=quantize,
-                          int8_max_loss=int8_max_loss)
+    return TrainedStudent(model, meta, profile)
 
 
 # ----------------------------------------------------------------------------- one student

@@ -247,8 +247,12 @@ class Store:
 
     # -- presence and metrics ------------------------------------------------------------------
     def set_presence(self, device: str, status: str, info: dict[str, Any]) -> None:
+        """Record a device's presence. What it said when online (profile, student, params)
+        is kept when it goes offline, whose message (a Last Will) carries none of it."""
+        before = self._one("SELECT info FROM presence WHERE device = ?", device)
+        merged = {**(json.loads(before) if before else {}), **info}
         self._db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?, ?, ?)",
-                         (device, status, json.dumps(info), time.time()))
+                         (device, status, json.dumps(merged), time.time()))
 
     def add_metrics(self, rnd: int, device: str, info: dict[str, Any]) -> bool:
         """Store one report; False if (round, device) was already reported (a re-send)."""
@@ -262,6 +266,48 @@ class Store:
                 "SELECT round, device, info FROM metrics ORDER BY round, at"):
             out.setdefault(int(rnd), {})[device] = json.loads(info)
         return out
+
+    # -- views for watchers (the dashboard) ---------------------------------------------------
+    def federation_row(self) -> dict[str, Any] | None:
+        """The run's config, launch context, status and times; None before the server began."""
+        row = self._db.execute("SELECT run_id, config, context, status, created, updated "
+                               "FROM federation").fetchone()
+        if row is None:
+            return None
+        run_id, config, context, status, created, updated = row
+        return {"run_id": run_id, "config": json.loads(config), "context": json.loads(context),
+                "status": status, "created": created, "updated": updated}
+
+    def presence(self) -> dict[str, tuple[str, dict[str, Any], float]]:
+        """device → (status, what it announced, when)."""
+        return {device: (status, json.loads(info), at) for device, status, info, at in
+                self._db.execute("SELECT device, status, info, at FROM presence")}
+
+    def open_attempts(self) -> list[tuple[int, int, list[str], float]]:
+        """(round, attempt, participants, opened) of the attempts still open."""
+        return [(rnd, attempt, json.loads(parts), opened) for rnd, attempt, parts, opened in
+                self._db.execute("SELECT round, attempt, participants, opened FROM rounds "
+                                 "WHERE status = 'open' ORDER BY round, attempt")]
+
+    def accepted_senders(self, rnd: int) -> list[str]:
+        """Devices whose upload for ``rnd`` was accepted so far."""
+        return [s for (s,) in self._db.execute(
+            "SELECT DISTINCT sender FROM submissions WHERE round = ? AND kind = 'upload' AND "
+            "status = 'accepted' ORDER BY sender", (rnd,))]
+
+    def senders(self) -> dict[str, tuple[float, int]]:
+        """sender → (when it was last heard from, how many of its messages were rejected); a
+        message rejected before its sender could be read counts under its topic."""
+        return {sender: (at, rejected) for sender, at, rejected in self._db.execute(
+            "SELECT coalesce(sender, topic), max(at), sum(status = 'rejected') FROM submissions "
+            "GROUP BY coalesce(sender, topic)")}
+
+    def latest_rejections(self, limit: int) -> list[tuple[float, str, str | None, int | None,
+                                                        str]]:
+        """(at, topic, sender, round, reason) of the newest ``limit`` rejected messages."""
+        return self._db.execute(
+            "SELECT at, topic, sender, round, reason FROM submissions WHERE status = "
+            "'rejected' ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
 
     # -- consensus -----------------------------------------------------------------------------
     def _consensus_path(self, rnd: int) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -18,6 +20,22 @@ class _Stopped(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class References:
+    """Per device, in the order of the devices: local-only and centralized test accuracy."""
+
+    devices: list[str]
+    local_only: list[float]
+    centralized: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"local_only_mean_accuracy": float(np.mean(self.local_only)),
+                "centralized_mean_accuracy": float(np.mean(self.centralized)),
+                "clients": [{"id": d, "local_only_accuracy": lo, "centralized_accuracy": c}
+                            for d, lo, c in zip(self.devices, self.local_only,
+                                                self.centralized)]}
+
+
 class BackgroundBaselines:
     """Local-only (each student on its private data, with the federation's private-epoch
     budget) and centralized (each architecture on all private data pooled) accuracies.
@@ -29,8 +47,14 @@ class BackgroundBaselines:
     """
 
     def __init__(self, people: list[Participant], split: FederatedSplit,
-                 config: FederationConfig, seed: int) -> None:
+                 config: FederationConfig, seed: int, *,
+                 on_progress: Callable[[int, int], None] = lambda done, total: None,
+                 on_done: Callable[[References], None] = lambda refs: None) -> None:
+        """``on_progress(done, total)`` hears of each trained model, ``on_done`` of the
+        result; both are called from the baselines' thread."""
         self._split = split
+        self._devices = [p.device_id for p in people]
+        self._on_progress, self._on_done = on_progress, on_done
         self._local_epochs = config.warmup_epochs + config.rounds * config.revisit_epochs
         self._central_epochs = max(20, config.warmup_epochs)
         self._local = [wiring.student_trainer(p.student, split.input_shape,
@@ -42,7 +66,7 @@ class BackgroundBaselines:
                 self._central[p.student] = wiring.student_trainer(
                     p.student, split.input_shape, split.num_classes, config, seed + i)
         self._students = [p.student for p in people]
-        self._value: tuple[list[float], list[float]] | None = None
+        self._value: References | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="baselines", daemon=True)
@@ -50,18 +74,25 @@ class BackgroundBaselines:
 
     def _run(self) -> None:
         split = self._split
+        total, done = len(self._local) + len(self._central), 0
         try:
+            self._on_progress(done, total)
             local = []
             for trainer, data in zip(self._local, split.clients):
                 self._fit(trainer, data.X, data.y, self._local_epochs)
                 local.append(trainer.accuracy(split.test_X, split.test_y))
+                done += 1
+                self._on_progress(done, total)
             pooled_X = np.concatenate([c.X for c in split.clients])
             pooled_y = np.concatenate([c.y for c in split.clients])
             central = {}
             for student, trainer in self._central.items():
                 self._fit(trainer, pooled_X, pooled_y, self._central_epochs)
                 central[student] = trainer.accuracy(split.test_X, split.test_y)
-            self._value = local, [central[s] for s in self._students]
+                done += 1
+                self._on_progress(done, total)
+            self._value = References(self._devices, local, [central[s] for s in self._students])
+            self._on_done(self._value)
         except _Stopped:
             pass
         except BaseException as exc:  # re-raised in the caller's thread
@@ -86,7 +117,7 @@ class BackgroundBaselines:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def result(self) -> tuple[list[float], list[float]]:
+    def result(self) -> References:
         self._thread.join()
         if isinstance(self._error, FedEdgeError):
             raise self._error
@@ -94,6 +125,5 @@ class BackgroundBaselines:
             raise SimulationError(f"the baselines failed: {self._error}") from None
         if self._error is not None:
             raise self._error
+        assert self._value is not None
         return self._value
-
-

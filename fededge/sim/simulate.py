@@ -4,6 +4,11 @@ Each client gets its own MQTT connection and worker thread and runs exactly the 
 runs; only the data split and the baselines (local-only, centralized) are simulation-specific.
 ``run_simulation`` reads top to bottom: prepare (options → split, devices, config), federate
 (broker, server, clients), summarize, write the run directory.
+
+The run directory is live: ``metrics.jsonl`` gets each round's line as soon as every device
+that took part reported it (flushed, so a killed run keeps every completed round),
+``baselines.json`` the references as soon as they are trained, and ``summary.json`` and
+``rounds.png`` are written at the end from the store, so a resumed run covers every round.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +29,13 @@ from fededge import __version__
 from fededge.config import FederationConfig
 from fededge.federation import wiring
 from fededge.federation.client import FederationClient
-from fededge.federation.report import RoundRow, round_rows, union_seconds, write_plot
+from fededge.federation.report import (
+    MetricsLog,
+    RoundRow,
+    round_rows,
+    union_seconds,
+    write_plot,
+)
 from fededge.federation.server import FederationAborted, FederationServer, ServerEvents
 from fededge.federation.store import Store, StoreError
 from fededge.federation.strategies import strategy_pair
@@ -32,7 +43,8 @@ from fededge.federation.strategies.base import ServerStrategy
 from fededge.files import atomic_write
 from fededge.learn.data import FederatedSplit
 from fededge.learn.privacy import privacy_report
-from fededge.sim.baselines import BackgroundBaselines
+from fededge.sim.baselines import BackgroundBaselines, References
+from fededge.sim.progress import OnStep, Phases
 from fededge.sim.recipe import (
     BROKERS,
     Participant,
@@ -51,19 +63,36 @@ from fededge.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[RoundRow | None, str], None]
+METRICS_FILE, SUMMARY_FILE, BASELINES_FILE, PLOT_FILE = (
+    "metrics.jsonl", "summary.json", "baselines.json", "rounds.png")
 
 
 @dataclass
 class SimulationResult:
+    """A finished simulation: its ``summary`` (as in ``summary.json``), one row per round (as
+    in ``metrics.jsonl``; round 0 is the warm-up) and the run directory ``out``."""
+
     summary: dict[str, Any]
     rows: list[RoundRow]
     out: Path
 
+    @property
+    def mean_accuracy(self) -> float | None:
+        return self.summary["mean_accuracy"]
+
+    @property
+    def students(self) -> dict[str, Any]:
+        """Each device's trained student (``TrainedStudent``: ``predict``, ``logits``,
+        ``model``), loaded from its checkpoint in ``out/clients/<device>``."""
+        from fededge.delivery.export import load_student
+
+        return {c["id"]: load_student(self.out / "clients" / c["id"])
+                for c in self.summary["clients"]}
+
 
 @dataclass
-class _Plan:
-    """Everything decided before the broker starts."""
+class Plan:
+    """Everything decided before the broker starts (``prepare``)."""
 
     dataset: str
     split: FederatedSplit
@@ -82,26 +111,32 @@ class _Federated:
     ended: float
 
 
-def run_simulation(opts: SimulationOptions,
-                   on_round: Progress = lambda row, msg: None) -> SimulationResult:
-    """Run the federation; ``on_round`` is called with each finished round (for progress)."""
+def run_simulation(opts: SimulationOptions, on_step: OnStep = lambda step: None,
+                   plan: Plan | None = None) -> SimulationResult:
+    """Run the federation; ``on_step`` hears of each phase's progress (``sim.progress``).
+    ``plan`` is ``prepare(opts)`` when the caller validated the options first."""
     started = time.time()
-    plan = _prepare(opts)
+    plan = plan or prepare(opts)
+    phases = Phases(on_step)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    on_round(None, f"{len(plan.people)} clients, {len({p.student for p in plan.people})} "
-                   f"student architectures, {opts.broker} broker")
-    baselines = (BackgroundBaselines(plan.people, plan.split, plan.config, opts.seed)
+    for stale in (SUMMARY_FILE, BASELINES_FILE):  # an earlier run's: rewritten by this one
+        (out / stale).unlink(missing_ok=True)
+    phases.step("data", 1, 1, f"{len(plan.split.clients)} devices, "
+                              f"{len({p.student for p in plan.people})} students, "
+                              f"{plan.dataset} ({opts.partition} split), {opts.broker} broker")
+    baselines = (BackgroundBaselines(plan.people, plan.split, plan.config, opts.seed,
+                                     on_progress=lambda done, total: phases.step(
+                                         "baselines", done, total, "local-only and "
+                                         "centralized models"),
+                                     on_done=lambda refs: _write_baselines(out, refs))
                  if opts.baselines else None)
     store = wiring.open_store(out)
     try:
-        fed = _federate(opts, plan, store, out, on_round, baselines)
+        fed = _federate(opts, plan, store, out, phases, baselines)
         rows = round_rows(fed.server.metrics, fed.server.history)
-        local_acc, central_acc = [], []
-        if baselines is not None:
-            on_round(None, "finishing baselines (local-only, centralized)")
-            local_acc, central_acc = baselines.result()
-        summary = _summary(opts, plan, fed, rows, local_acc, central_acc, started)
+        refs = baselines.result() if baselines is not None else None
+        summary = _summary(opts, plan, fed, rows, refs, started)
     finally:
         if baselines is not None:
             baselines.stop()
@@ -110,8 +145,9 @@ def run_simulation(opts: SimulationOptions,
     return SimulationResult(summary, rows, out)
 
 
-def _prepare(opts: SimulationOptions) -> _Plan:
-    """Validate the options and derive the split, the config and the devices (seeded)."""
+def prepare(opts: SimulationOptions) -> Plan:
+    """Validate the options and derive the split, the config and the devices (seeded). Every
+    error a user's options can cause is raised here, before any work is shown or started."""
     if opts.clients < 1:
         raise SimulationError(f"--clients must be at least 1, got {opts.clients}")
     if Path(opts.out).exists() and not Path(opts.out).is_dir():
@@ -130,7 +166,7 @@ def _prepare(opts: SimulationOptions) -> _Plan:
     dataset, split = split_for(opts)
     config = federation_config(opts, split)
     server_strategy = wiring.server_strategy(config, split.public_X)  # validates before any work
-    return _Plan(dataset.name, split, config, plan_participants(opts, split), server_strategy)
+    return Plan(dataset.name, split, config, plan_participants(opts, split), server_strategy)
 
 
 def _start_broker(kind: str) -> EmbeddedBroker | MosquittoBroker:
@@ -142,8 +178,8 @@ def _chunked(transport: MqttTransport, opts: SimulationOptions) -> Transport:
     return ChunkingTransport(transport, opts.max_message) if opts.max_message else transport
 
 
-def _federate(opts: SimulationOptions, plan: _Plan, store: Store, out: Path,
-              on_round: Progress, baselines: BackgroundBaselines | None) -> _Federated:
+def _federate(opts: SimulationOptions, plan: Plan, store: Store, out: Path,
+              phases: Phases, baselines: BackgroundBaselines | None) -> _Federated:
     """Broker, server and one client per device, run to the federation's end."""
     with ExitStack() as stack:
         broker = _start_broker(opts.broker)
@@ -157,9 +193,12 @@ def _federate(opts: SimulationOptions, plan: _Plan, store: Store, out: Path,
             return _chunked(transport, opts)
 
         server: FederationServer
+        metrics_log = MetricsLog(out / METRICS_FILE)
 
         def round_reported(rnd: int) -> None:
-            on_round(round_rows(server.metrics, server.history, upto=rnd)[-1], "")
+            rows = round_rows(server.metrics, server.history, upto=rnd)
+            metrics_log.append(rows)
+            phases.step("rounds", rnd, server.config.rounds, row=rows[-1])
 
         try:
             server = wiring.build_server(
@@ -170,14 +209,18 @@ def _federate(opts: SimulationOptions, plan: _Plan, store: Store, out: Path,
             raise SimulationError(f"{out} holds an unfinished run with other settings; pass "
                                   f"another --out or delete it ({exc})") from None
         config = server.config  # on resume: the stored run, with its run_id
-        if server.resumed_from_round is not None:
-            on_round(None, f"resuming at round {server.resumed_from_round}")
+        # A resumed run's file starts with the rounds it completed before it was stopped.
+        metrics_log.restart(round_rows(server.metrics, server.history,
+                                       upto=len(server.history)) if server.history else [])
         clients += [device_client(plan.people, i, plan.split, plan.dataset, config,
                                   connect(p.device_id,
                                           will=FederationClient.last_will(config.federation,
                                                                           p.device_id)),
                                   out / "clients" / p.device_id, opts.straggle).start()
                     for i, p in enumerate(plan.people)]
+        warmup = _WarmupWatch(clients, phases, len(server.history), config.rounds,
+                              resumed=server.resumed_from_round is not None).start()
+        stack.callback(warmup.stop)
         started = time.time()
         _run_watched(server, clients, broker, baselines, out)
         for client in clients:
@@ -188,6 +231,39 @@ def _federate(opts: SimulationOptions, plan: _Plan, store: Store, out: Path,
             raise SimulationError(f"clients {[c.identity.device_id for c in failed]} failed: "
                                   f"{failed[0].error}")
     return _Federated(server, config, started, ended)
+
+
+class _WarmupWatch:
+    """Reports the warm-up (every device training on its own data first) as devices finish
+    it, then opens the rounds phase. A resumed run goes straight to its rounds."""
+
+    def __init__(self, clients: list[FederationClient], phases: Phases, completed: int,
+                 rounds: int, *, resumed: bool) -> None:
+        self._clients, self._phases = clients, phases
+        self._completed, self._rounds, self._resumed = completed, rounds, resumed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="warm-up", daemon=True)
+
+    def start(self) -> _WarmupWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        total, reported = len(self._clients), -1
+        while not self._resumed and not self._stop.is_set():
+            done = sum(1 for c in self._clients if c.history)
+            if done != reported:
+                reported = done
+                self._phases.step("warm-up", done, total, "devices train on their own data")
+            if done >= total:
+                break
+            self._stop.wait(0.25)
+        if not self._stop.is_set() or self._resumed:
+            self._phases.begin("rounds", self._completed, self._rounds)
 
 
 WATCH_S = 0.2
@@ -240,9 +316,10 @@ def _failure(clients: list[FederationClient], broker: EmbeddedBroker | Mosquitto
     return None
 
 
-def _summary(opts: SimulationOptions, plan: _Plan, fed: _Federated, rows: list[RoundRow],
-             local_acc: list[float], central_acc: list[float], started: float) -> dict[str, Any]:
+def _summary(opts: SimulationOptions, plan: Plan, fed: _Federated, rows: list[RoundRow],
+             refs: References | None, started: float) -> dict[str, Any]:
     server, config, people = fed.server, fed.config, plan.people
+    local_acc, central_acc = (refs.local_only, refs.centralized) if refs else ([], [])
     compute = union_seconds(
         [tuple(iv) for per_round in server.metrics.values() for info in per_round.values()
          for iv in info.get("compute_intervals", [])], fed.started, fed.ended)
@@ -277,13 +354,21 @@ def _summary(opts: SimulationOptions, plan: _Plan, fed: _Federated, rows: list[R
     }
 
 
-def _write_outputs(out: Path, plan: _Plan, rows: list[RoundRow], summary: dict[str, Any],
+def _write_baselines(out: Path, refs: References) -> None:
+    """The references as soon as they are trained, for the dashboard and the curious."""
+    atomic_write(out / BASELINES_FILE, json.dumps(refs.to_dict(), indent=2))
+
+
+def _write_outputs(out: Path, plan: Plan, rows: list[RoundRow], summary: dict[str, Any],
                    config: FederationConfig) -> None:
-    """metrics.jsonl, summary.json, the plot, and the raw test/proxy data export needs."""
+    """metrics.jsonl (every round, also those of a run before a resume), summary.json, the
+    plot, and the raw test/proxy data export needs."""
     split = plan.split
-    atomic_write(out / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out / METRICS_FILE, "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+    atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     np.savez_compressed(out / "eval_data.npz", test_X=split.raw_test_X, test_y=split.test_y,
                         public_X=split.raw_public_X)
     np.savez_compressed(out / "test.npz", X=split.raw_test_X, y=split.test_y)  # for `infer`
-    write_plot(rows, out / "rounds.png", title=f"fededge {config.strategy} on {plan.dataset}")
+    write_plot(rows, out / PLOT_FILE, title=f"fededge {config.strategy} on {plan.dataset}",
+               local_only=summary["local_only_mean_accuracy"],
+               centralized=summary["centralized_mean_accuracy"])

@@ -1,0 +1,1 @@
+"""The live dashboard of a federation: a web page over the server's store (torch-free)."""
