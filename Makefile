@@ -1,5 +1,6 @@
 # fededge: `make demo` runs a real federation; `make test` runs the test suite;
-# `make bench` regenerates the strategy benchmarks.
+# `make bench` regenerates the strategy benchmarks; `make wheel` builds the wheel a device
+# installs (devices/install.sh --from dist/fededge-<version>-py3-none-any.whl).
 # Everything either target needs is installed here, into .venv (torch first, from TORCH_SPEC,
 # so pip never resolves a bare `torch` to a multi-GB CUDA build).
 PYTHON     ?= python3
@@ -14,8 +15,20 @@ DEMO_OUT   ?= runs/demo
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[train,test]"
 	touch $@
+
+# The wheel `pip install` and devices/install.sh --from take: pure Python, one for every device
+# (`pip install dist/fededge-*.whl` is the edge runtime and agent; add `[train]` to train).
+DIST       ?= dist
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+WHEEL      := $(DIST)/fededge-$(VERSION)-py3-none-any.whl
+.PHONY: wheel
+wheel: $(WHEEL)
+$(WHEEL): pyproject.toml $(shell find fededge devices export -type f -not -name '*.pyc')
+	rm -f $(DIST)/fededge-*.whl
+	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	@echo "built $@"
 
 # Integration tests run a real Mosquitto. As root we install the Debian package; otherwise we say how.
 mosquitto:
@@ -87,4 +100,4 @@ screenshot: $(STAMP) chromium
 	$(PY) docs/dashboard_screenshot.py docs/dashboard.png
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache dist

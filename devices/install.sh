@@ -6,10 +6,10 @@
 #
 # The kit's client.toml names the device's hardware profile, and the profile's can_train picks
 # what gets installed into a venv (through the kit's role, which provision derives from it):
-#   can_train = true   the training client: torch, then fededge with all its dependencies; the
+#   can_train = true   the training client: torch, then fededge with its `train` extra; the
 #                      client and the agent (for deployed models) both run;
-#   can_train = false  only the edge agent: fededge with `pip install --no-deps`, then just its
-#   (or role = agent)  `edge` extra (numpy, onnxruntime, paho-mqtt, ...). Never torch.
+#   can_train = false  only the edge agent: fededge with its own (torch-free) dependencies
+#   (or role = agent)  (numpy, onnxruntime, paho-mqtt, ...), as `pip install fededge` does.
 # The requirement lists are read from fededge's own metadata (devices/install/requirements.py),
 # so pyproject.toml stays the only place they are written down.
 #
@@ -23,12 +23,13 @@
 #   --venv DIR         where the venv goes (default /opt/fededge)                [FEDEDGE_VENV]
 #   --kit-dest DIR     where the kit is copied (default /etc/fededge/kit)
 #   --user NAME        the service user (default fededge)                        [FEDEDGE_USER]
-#   --from SPEC        what to install as fededge: a wheel, a source directory or a pip
+#   --from SPEC        what to install as fededge: a wheel (`make wheel` in a checkout writes
+#                      dist/fededge-<version>-py3-none-any.whl), a source directory or a pip
 #                      requirement (default: this checkout, else `fededge`)      [FEDEDGE_SOURCE]
 #   --wheels DIR       install offline, only from the wheels in DIR             [FEDEDGE_WHEELS]
 #   --ort-wheel W      Jetson: NVIDIA's onnxruntime-gpu wheel, a path or URL          [ORT_WHEEL]
 #   --torch SPEC       the torch to install for the client (a requirement, wheel path or URL;
-#                      default: fededge's own torch requirement)                     [TORCH_SPEC]
+#                      default: the torch requirement of fededge's train extra)     [TORCH_SPEC]
 #   --no-service       build the venv only: no user, kit copy or systemd unit (no root needed)
 #   --dry-run          print the plan and every command, change nothing
 # Also: PYTHON (default python3, needs 3.10+), TORCH_INDEX (pip index for torch; on x86_64 it
@@ -172,8 +173,8 @@ fi
 if [ "$MODE" = client ] && [ "$CAN_TRAIN" = false ]; then
     warn "profile $PROFILE says it cannot train (can_train = false); installing the client anyway"
 fi
-GROUP=base
-if [ "$MODE" = agent ]; then GROUP=edge; fi
+GROUP=base,train
+if [ "$MODE" = agent ]; then GROUP=base; fi
 
 # ------------------------------------------------------------------ what to install
 if [ -z "$SOURCE" ]; then
@@ -231,7 +232,7 @@ fededge install plan
   onnxruntime: ${ORT_WHEEL:-onnxruntime (CPU) from ${WHEELS:-the index}}
 EOF
 if [ "$MODE" = client ]; then
-    echo "  torch:       ${TORCH_SPEC:-$(list_requirements base --only torch)}${TORCH_INDEX:+ (index $TORCH_INDEX)}"
+    echo "  torch:       ${TORCH_SPEC:-$(list_requirements train --only torch)}${TORCH_INDEX:+ (index $TORCH_INDEX)}"
 fi
 echo "  requirements ($GROUP):"
 list_requirements "$GROUP" "${WITHOUT[@]}" | sed 's/^/    /'
@@ -255,11 +256,10 @@ done
 if [ ! -x "$VENV/bin/python" ] || [ "$DRY_RUN" = 1 ]; then
     run "$PYTHON" -m venv "$VENV"
 fi
-QUIET=()
-if [ "$MODE" = agent ]; then  # else pip lists torch & co. as "missing": by design here
-    QUIET=(--no-warn-conflicts)
-fi
-run "${PIP[@]}" install "${OFFLINE[@]}" "${QUIET[@]}" --no-deps --force-reinstall "$SOURCE"
+# --no-deps, then the listed requirements: torch comes from TORCH_INDEX first, and a Jetson's
+# onnxruntime-gpu wheel replaces onnxruntime (pip check then names onnxruntime as missing:
+# the two provide the same module under different names).
+run "${PIP[@]}" install "${OFFLINE[@]}" --no-deps --force-reinstall "$SOURCE"
 REQS=$VENV/fededge-requirements.txt
 printf '+ %q %q installed %s %s > %q\n' "$VENV/bin/python" "$HERE/install/requirements.py" \
     "$GROUP" "${WITHOUT[*]}" "$REQS"
@@ -269,15 +269,15 @@ fi
 if [ "$MODE" = client ]; then
     if [ -z "$TORCH_SPEC" ]; then
         if [ "$DRY_RUN" = 0 ]; then
-            TORCH_SPEC=$("$VENV/bin/python" "$HERE/install/requirements.py" installed base --only torch)
+            TORCH_SPEC=$("$VENV/bin/python" "$HERE/install/requirements.py" installed train --only torch)
         else
-            TORCH_SPEC=$(list_requirements base --only torch)
+            TORCH_SPEC=$(list_requirements train --only torch)
         fi
     fi
     run "${PIP[@]}" install "${OFFLINE[@]}" "${TORCH_INDEX_ARGS[@]}" "$TORCH_SPEC"
 fi
 if [ -n "$ORT_WHEEL" ]; then run "${PIP[@]}" install "${OFFLINE[@]}" "$ORT_WHEEL"; fi
-run "${PIP[@]}" install "${OFFLINE[@]}" "${QUIET[@]}" -r "$REQS"
+run "${PIP[@]}" install "${OFFLINE[@]}" -r "$REQS"
 
 if [ "$DRY_RUN" = 0 ]; then
     PROVIDERS=$("$VENV/bin/python" -c 'import onnxruntime as o; print(" ".join(o.get_available_providers()))') \

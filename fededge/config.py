@@ -76,6 +76,12 @@ class FederationConfig:
     # each class by the clients that know it (see aggregate.py). It reveals the histogram to the
     # server; set false to share only the total sample count.
     share_class_counts: bool = True
+    # After the last round each device sends its trained student (its weights) to the server,
+    # which keeps them for `fededge export` and `fededge deploy`. Weights can reveal more of a
+    # device's private data than its logits do, so this is the federation's privacy choice,
+    # made in the federation file ([federation] collect_models); a device whose kit says false
+    # refuses a server that asks for them.
+    collect_models: bool = False
     deadline_s: Annotated[float, Field(gt=0.0, le=WEEK_S)] = 120.0
     quorum: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5  # share of joined clients to close
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3

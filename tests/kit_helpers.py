@@ -3,15 +3,21 @@ test settings, `fededge` subprocesses, and MQTT connections as a kit's party."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from helpers import has_mosquitto  # noqa: F401  (re-exported for the kit tests)
 
+from fededge.kits.kit import login_files
 from fededge.transport.mqtt import MqttTransport, TlsConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,12 +71,15 @@ class Processes:
 def connect_party(kits: Path, port: int, party: str, *, username: str | None = "",
                   password: str | None = None, cert_dir: Path | None = None,
                   timeout: float = 10.0) -> MqttTransport:
-    """Connect with ``party``'s kit: its certificate (or ``cert_dir``'s), its password (or
-    ``password``) and its user name (or ``username``; None: anonymous)."""
-    kit, certs = kits / party, cert_dir or kits / party
-    tls = TlsConfig(str(kits / party / "ca.crt"), str(certs / "client.crt"),
-                    str(certs / "client.key"))
+    """Connect with ``party``'s kit: its password (or ``password``), its user name (or
+    ``username``; None: anonymous) and the certificate of that user (a role user such as
+    ``party@agent`` has its own), or ``cert_dir``'s client.crt/client.key."""
+    kit = kits / party
     user = party if username == "" else username
+    role = user.split("@", 1)[1] if user and user.startswith(f"{party}@") else None
+    cert, key = ((cert_dir / "client.crt", cert_dir / "client.key") if cert_dir else
+                 (kit / name for name in login_files(role)))
+    tls = TlsConfig(str(kits / party / "ca.crt"), str(cert), str(key))
     secret = (kit / "password").read_text().strip() if password is None else password
     return MqttTransport(user or party, "127.0.0.1", port, username=user,
                          password=secret if user is not None else None, tls=tls).connect(timeout)
@@ -81,3 +90,27 @@ def collect(transport: MqttTransport, topic_filter: str) -> list[str]:
     got: list[str] = []
     transport.subscribe(topic_filter, lambda topic, payload: got.append(topic))
     return got
+
+
+def http_json(url: str, body: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON answer) of a GET, or of a POST of ``body``."""
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def poll(url: str, check: Callable[[dict], bool], seconds: float = 20.0) -> dict:
+    """GET ``url`` until ``check(answer)`` holds (connection errors retried); the answer."""
+    deadline, answer = time.monotonic() + seconds, {}
+    while time.monotonic() < deadline:
+        try:
+            answer = http_json(url)[1]
+            if check(answer):
+                return answer
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url}: never as expected within {seconds:g} s; last answer {answer}")

@@ -14,14 +14,13 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from helpers import BLOCKED_MARK, EDGE_BLOCKED, blocked_env, run_blocked, stdout_of
 from kit_helpers import (
     AGENT,
@@ -31,6 +30,8 @@ from kit_helpers import (
     connect_party,
     federation_file,
     has_mosquitto,
+    http_json,
+    poll,
 )
 from typer.testing import CliRunner
 
@@ -48,7 +49,6 @@ from fededge.kits.provision import provision
 from fededge.learn.data import load_dataset, split_federated
 from fededge.learn.models import build_student
 from fededge.profiles import get_profile
-from fededge.transport.base import TransportError
 from fededge.transport.brokers import free_port, wait_for_port
 from fededge.wire.topics import Topics
 
@@ -117,28 +117,9 @@ def _agent_once(fed, device: str, timeout: float = 20.0):
         agent.stop()
 
 
-def _get(url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def _poll(url: str, want: str | None, seconds: float = 20.0) -> dict:
     """GET ``url`` until its JSON ``version`` is ``want``."""
-    deadline = time.monotonic() + seconds
-    body: dict = {}
-    while time.monotonic() < deadline:
-        try:
-            _, body = _get(url)
-            if body.get("version") == want:
-                return body
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never served {want}; last answer {body}")
+    return poll(url, lambda answer: answer.get("version") == want, seconds)
 
 
 def _retained(fed, party: str, username: str, topic_filter: str,
@@ -164,20 +145,20 @@ def test_deploy_to_a_torch_free_agent_update_and_roll_back(fed, tmp_path):
     try:
         health = f"http://127.0.0.1:{http}/health"
         _poll(health, None)  # listening, nothing installed: 503 with version null
-        assert _get(health)[0] == 503
+        assert http_json(health)[0] == 503
 
         first = _deploy(fed, fed.v1, device, wait=20)
         assert first.agent == "installed", log.read_text()
         assert first.files == 7 and first.chunks == -(-first.bytes // CHUNK) > 1
         _poll(health, first.version)
         reference = runtime.EdgeModel(fed.v1 / device)
-        status, answer = _get(f"http://127.0.0.1:{http}/predict", {"x": fed.X[:5].tolist()})
+        status, answer = http_json(f"http://127.0.0.1:{http}/predict", {"x": fed.X[:5].tolist()})
         labels, confidences = reference.predict(fed.X[:5])
         assert status == 200 and answer["version"] == first.version
         assert answer["labels"] == labels.tolist()
         assert answer["classes"] == [reference.class_names[i] for i in labels]
         assert np.allclose(answer["confidences"], confidences, atol=1e-6)
-        status, answer = _get(f"http://127.0.0.1:{http}/predict", {"x": [1, 2]})
+        status, answer = http_json(f"http://127.0.0.1:{http}/predict", {"x": [1, 2]})
         assert status == 400 and "expected (N, 1, 8, 8)" in answer["error"]
 
         second = _deploy(fed, fed.v2, device, wait=20)
@@ -217,7 +198,7 @@ def test_deploy_to_a_torch_free_agent_update_and_roll_back(fed, tmp_path):
     offline = json.loads(_retained(fed, "server", "server@deploy",
                                    TOPICS.agent_status(device))[TOPICS.agent_status(device)])
     assert offline["status"] == "offline" and offline["installed"] == first.version
-    assert verify_manifest(kit)[1] == []  # the agent's state/ is not kit content
+    assert verify_manifest(kit).problems == []  # the agent's state/ is not kit content
 
 
 @pytest.mark.mosquitto
@@ -282,8 +263,19 @@ def test_an_agent_only_device_receives_the_bundle_of_its_model_from_device(fed, 
     # Its copy is its own: no other device's agent reads it, and it has no training user.
     assert _retained(fed, "pi5-kitchen", "pi5-kitchen@agent", TOPICS.deploy_tree(AGENT),
                      wait=0.5) == {}
-    with pytest.raises(TransportError, match="refused"):
-        connect_party(fed.kits, fed.port, AGENT)
+    # No training login either: no certificate of that name, and its agent user may not
+    # write the training topics.
+    assert not (fed.kits / AGENT / "client.crt").exists()
+    server = connect_party(fed.kits, fed.port, "server")
+    uploads = collect(server, TOPICS.all_up)
+    agent = connect_party(fed.kits, fed.port, AGENT, username=f"{AGENT}@agent")
+    time.sleep(0.5)  # the server's subscription acknowledged
+    agent.publish(TOPICS.up(AGENT), b"not a trainer")
+    assert agent.flush(5)
+    time.sleep(0.5)
+    for transport in (agent, server):
+        transport.close()
+    assert uploads == []
 
 
 # ----------------------------------------------------------------------------- rejections
@@ -316,7 +308,8 @@ def _corrupt_model(fed) -> dict[str, bytes]:
 
 def _foreign_signer() -> pki.Identity:
     """A code-signing certificate of another federation's CA (also named 'demo')."""
-    return pki.issue(pki.create_ca("demo"), "server@deploy", code_signing=True)
+    return pki.issue(pki.create_ca("demo"), "server@deploy",
+                     usage=ExtendedKeyUsageOID.CODE_SIGNING)
 
 
 def _publish(fed, device: str, chunks: list[bytes], sealed: bytes, version: str) -> None:
@@ -524,7 +517,7 @@ def test_provision_issues_a_code_signing_certificate_and_keeps_it(tmp_path):
     (server / "deploy.crt").unlink()  # a kit from before deployment existed
     provision(federation, kits)
     assert pki.is_code_signing(load_signer(load_kit(server)).cert)
-    assert verify_manifest(kits)[1] == []
+    assert verify_manifest(kits).problems == []
 
 
 @pytest.mark.mosquitto

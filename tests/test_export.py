@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -239,3 +240,30 @@ def test_cli_table_warning_and_error(run_dir, tmp_path, monkeypatch):
     assert bad.exit_code == 2
     assert bad.output.strip().splitlines() == [
         "error: no device 'nope' in this run; valid devices: dev0-pi, dev1-pi"]
+
+
+def test_export_from_kits_says_what_is_missing(tmp_path):
+    """A server kit exports what its federation collected, a device kit its own student; each
+    error says why there is nothing and what to run instead."""
+    from kit_helpers import AGENT, federation_file
+
+    from fededge.kits.provision import provision
+
+    kits = tmp_path / "kits"
+    provision(federation_file(tmp_path), kits)
+    cases = [(kits / "server", "no summary.json in"),
+             (kits / AGENT, "is agent-only and trains no student; export the model of "
+                            "'pi5-kitchen'"),
+             (kits / "gateway-1", "missing checkpoint file; the device never finished a round")]
+    for kit, words in cases:
+        with pytest.raises(ExportError, match=re.escape(words)):
+            export_run(kit, all_devices=True)
+    state = kits / "server" / "state"
+    state.mkdir()
+    (state / "summary.json").write_text(json.dumps({"clients": [], "collect_models": False}))
+    with pytest.raises(ExportError, match=re.escape(
+            "keeps trained students on their devices (collect_models = false); export each "
+            "device's own with `fededge export KITS/<device>`")):
+        export_run(kits / "server", all_devices=True)
+    with pytest.raises(ExportError, match="--state is for a kit"):
+        export_run(tmp_path, all_devices=True, state=state)

@@ -84,7 +84,7 @@ def _plan(output: str) -> tuple[dict[str, str], list[str], list[str]]:
             commands.append(line[2:])
         elif line.startswith("    ") and in_reqs:
             requirements.append(line.strip())
-        elif m := re.match(r"  (\w[\w ()]*?):\s*(.*)", line):
+        elif m := re.match(r"  (\w[\w ,()]*?):\s*(.*)", line):
             fields[m.group(1)] = m.group(2)
             in_reqs = m.group(1).startswith("requirements")
     return fields, requirements, commands
@@ -104,7 +104,9 @@ def test_training_profile_installs_client_with_torch(tmp_path):
     fields, requirements, commands = _plan(result.stdout)
     assert fields["mode"] == "client (kit role = client; profile pi-5-8gb has can_train = true)"
     assert fields["torch"].startswith("torch")
-    assert _names(requirements) == _pyproject_group("base") - {"torch"}  # torch goes first
+    # torch goes first; then fededge's own dependencies and its train extra
+    assert _names(requirements) == _pyproject_group("base,train") - {"torch"}
+    assert "torch" in _pyproject_group("train") and "onnx" in _names(requirements)
     pip = [c for c in commands if " -m pip " in c]
     assert "--no-deps" in pip[0] and pip[1].split()[-1].startswith("torch")
     units = [c for c in commands if c.startswith("render ")]
@@ -124,7 +126,8 @@ def test_non_training_profile_installs_agent_without_torch(tmp_path, role, why):
     fields, requirements, commands = _plan(result.stdout)
     assert fields["mode"] == f"agent ({why})"
     assert "torch" not in fields
-    assert _names(requirements) == _pyproject_group("edge") and "torch" not in _names(requirements)
+    assert _names(requirements) == _pyproject_group("base") and "torch" not in _names(requirements)
+    assert not _pyproject_group("base") & _pyproject_group("train")  # the edge install: no torch
     pip = [c for c in commands if " -m pip " in c]
     assert "--no-deps" in pip[0] and not any("torch" in c for c in pip)
     assert any(c.endswith("fededge-agent.service") for c in commands)
@@ -216,14 +219,17 @@ def test_requirements_from_a_wheel(tmp_path):
         zf.writestr("fededge-0.1.0.dist-info/METADATA", metadata)
     assert reqs.requirements(str(wheel), "edge") == ["numpy>=1.24", "onnxruntime>=1.17"]
     assert reqs.requirements(str(wheel), "base") == ["torch>=2.2", "numpy>=1.24"]
+    assert reqs.requirements(str(wheel), "base,edge") == ["torch>=2.2", "numpy>=1.24",
+                                                         "numpy>=1.24", "onnxruntime>=1.17"]
 
 
 def test_requirements_of_the_installed_fededge():
     """What install.sh reads after `pip install --no-deps` (this venv's fededge: its metadata
     may predate a pyproject edit, so only the split is checked, not the exact lists)."""
-    base, edge = (_names(reqs.requirements("installed", g)) for g in ("base", "edge"))
-    assert "torch" in base and "torch" not in edge and {"onnxruntime", "numpy"} <= edge
-    assert not any("extra" in line for line in reqs.requirements("installed", "edge"))
+    base, train = (_names(reqs.requirements("installed", g)) for g in ("base", "train"))
+    assert "torch" in train and "torch" not in base and {"onnxruntime", "numpy"} <= base
+    assert not any("extra" in line for line in reqs.requirements("installed", "base,train"))
+    assert _names(reqs.requirements("installed", "base,train")) == base | train
 
 
 def test_requirements_cli_errors_name_the_input(tmp_path, capsys):

@@ -116,7 +116,7 @@ def test_runtime_state_is_moved_not_copied_and_goes_with_a_revoked_kit(tmp_path)
     state = kits / "pi5-kitchen" / "state" / "student.json"
     assert state.stat().st_ino == kept and state.read_text() == "pi5-kitchen still open"
     assert not (kits / "jetson-lab").exists()
-    assert verify_manifest(kits)[1] == [] and _leftovers(kits) == []
+    assert verify_manifest(kits).problems == [] and _leftovers(kits) == []
 
 
 def test_new_out_below_missing_directories_and_through_a_symlink(tmp_path):

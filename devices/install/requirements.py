@@ -1,9 +1,11 @@
 """Print the pip requirements of one fededge install mode, read from fededge's own metadata.
 
-Why this exists: the edge agent must not pull torch, yet fededge's base dependencies include
-it. So ``devices/install.sh`` installs fededge itself with ``pip install --no-deps`` and then
-exactly the requirements printed here: the ``edge`` extra for an agent-only device, the base
-dependencies for a training client. Reading them from the package (a wheel's METADATA, the
+Why this exists: fededge's base dependencies are the torch-free edge runtime and agent, its
+``train`` extra adds torch and the rest of the training side. ``devices/install.sh`` installs
+fededge itself with ``pip install --no-deps`` and then exactly the requirements printed here
+(``base`` for an agent-only device, ``base,train`` for a training client), so it can install
+torch first from the index it chooses and leave onnxruntime out where a Jetson gets NVIDIA's
+onnxruntime-gpu wheel instead. Reading them from the package (a wheel's METADATA, the
 installed distribution, or a checkout's pyproject.toml) keeps pyproject.toml the only list.
 
 Standard library only and Python 3.8+ (JetPack 5's python3), because it runs before fededge
@@ -12,7 +14,7 @@ and its dependencies exist.
     python3 requirements.py SOURCE GROUP [--only NAME] [--without NAME ...]
 
 SOURCE is a pyproject.toml, a .whl, or ``installed`` (fededge in this interpreter); GROUP is
-``base`` or an extra's name (``edge``). Environment markers other than the extra are kept for
+``base``, an extra's name (``train``) or several joined by commas (``base,train``). Environment markers other than the extra are kept for
 pip to evaluate on the device.
 """
 
@@ -104,7 +106,10 @@ def from_installed(group: str) -> list[str]:
 
 
 def requirements(source: str, group: str) -> list[str]:
-    """The requirement lines of ``group`` from ``source`` (see the module docstring)."""
+    """The requirement lines of ``group`` from ``source`` (see the module docstring); a
+    comma-separated ``group`` lists each group's lines in turn."""
+    if "," in group:
+        return [line for part in group.split(",") for line in requirements(source, part)]
     if source == "installed":
         return from_installed(group)
     path = Path(source)
@@ -121,7 +126,8 @@ def requirements(source: str, group: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="pyproject.toml, a .whl, or 'installed'")
-    parser.add_argument("group", help="'base' or an extra's name, e.g. 'edge'")
+    parser.add_argument("group", help="'base', an extra's name ('train'), or several joined "
+                                      "by commas ('base,train')")
     parser.add_argument("--only", help="print only this project's requirement")
     parser.add_argument("--without", action="append", default=[],
                         help="leave this project out (installed separately)")

@@ -1,5 +1,5 @@
 """``python -m fededge.cli``: the ``fededge`` command where its script is not on PATH."""
 
-from fededge.cli.app import app
+from fededge.cli.app import main
 
-app(prog_name="fededge")
+main()

@@ -3,13 +3,14 @@ user can cause are printed as one line naming the bad input, never as a tracebac
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from fededge.cli.model import export_cmd, infer_cmd
-from fededge.cli.output import configure_output, console, fail, interruptible, pct
+from fededge.cli.output import configure_output, console, fail, interruptible, pct, print_error
 from fededge.cli.tables import Col, fit_table, rounds_table
 from fededge.errors import FedEdgeError
 from fededge.federation.report import human_bytes
@@ -19,11 +20,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        "Results go to stdout; progress, warnings and notes to stderr.")
 
 
+TRAINING_MODULES = frozenset({"torch", "sklearn", "scipy", "safetensors", "amqtt", "matplotlib",
+                              "onnx"})
+"""Import names of the ``train`` extra's packages (pyproject.toml). `pip install fededge` (the
+edge install) lacks them; a command that needs one says which extra to add instead of ending in
+an ImportError traceback."""
+_invoked: list[str] = []  # the subcommand being run, for that message
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log protocol "
+def _options(ctx: typer.Context,
+             verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log protocol "
                                       "events (joins, rounds, uploads) with their source."),
-         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results and "
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results and "
                                     "errors: no progress, warnings or notes.")) -> None:
+    _invoked[:] = [ctx.invoked_subcommand or ""]
     if verbose and quiet:
         fail("pass -v (more) or -q (less), not both")
     configure_output(verbose=verbose, quiet=quiet)
@@ -35,6 +46,22 @@ DEVICE_COLUMNS = (
     Col("params", justify="right"), Col("MFLOPs", justify="right", drop=5),
     Col("train mem", "train", justify="right", drop=1),
     Col("latency", "ms", justify="right", drop=2))
+
+
+def main() -> None:
+    """The ``fededge`` command (pyproject's script, ``python -m fededge.cli``). Commands import
+    their heavy modules when they run, so a training command on an edge install fails here."""
+    try:
+        app(prog_name="fededge")
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in TRAINING_MODULES:
+            raise
+        command = f"`fededge {_invoked[0]}`" if _invoked and _invoked[0] else "this command"
+        print_error(f"{command} needs fededge's training extra, which this install lacks (no "
+                    f"module {missing!r}): pip install \"fededge[train]\" (torch first, from "
+                    "the index you want)")
+        sys.exit(2)
 
 
 @app.command()

@@ -73,19 +73,19 @@ def agent_cmd(
                                        "nothing was installed by then)."),
     rollback: bool = typer.Option(False, "--rollback", help="Serve the previous version again "
                                   "and exit; a running agent switches within a second."),
+    install: Optional[Path] = typer.Option(
+        None, "--install", help="Install this export directory (`fededge export` on this "
+                                "device) with the checks of a deployed bundle, and exit: 0 "
+                                "once installed, 1 if refused; a running agent switches."),
 ) -> None:
-    """Receive, verify and install this device's models; serve the installed one."""
-    if rollback:
-        if once or http is not None or timeout is not None:
-            fail(ValueError("--rollback changes the installed version and exits; drop --once, "
-                             "--http and --timeout"))
-        try:
-            pointer = service.rollback(kit)
-        except FedEdgeError as exc:
-            fail(exc)
-        console.print(f"rolled back: serving {pointer.current} instead of {pointer.previous}; "
-                      f"{pointer.previous} will not be re-installed from its retained "
-                      "deployment (deploy a new bundle to move on)", highlight=False)
+    """Receive, verify and install this device's models; serve the installed one (also while
+    the broker is unreachable: it reconnects in the background)."""
+    if rollback or install is not None:
+        what = "--rollback" if rollback else "--install"
+        if once or http is not None or timeout is not None or (rollback and install):
+            fail(ValueError(f"{what} changes the installed version and exits; drop --once, "
+                             "--http, --timeout and the other of --rollback and --install"))
+        _install_or_roll_back(kit, install)
         return
     try:
         with interruptible(f"agent stopped; the installed model is kept in {kit}/state; run "
@@ -105,3 +105,23 @@ def agent_cmd(
         fail(code=1, problem=f"refused the deployment: {outcome.rejected}")
     console.print(f"{'already ' if outcome.already else ''}installed {outcome.installed}",
                   highlight=False)
+
+
+def _install_or_roll_back(kit: Path, export_dir: Path | None) -> None:
+    """``--install DIR`` or ``--rollback``: change what the agent serves, and exit."""
+    try:
+        if export_dir is None:
+            pointer = service.rollback(kit)
+        else:
+            outcome = service.install(kit, export_dir)
+    except FedEdgeError as exc:
+        fail(exc)
+    if export_dir is None:
+        console.print(f"rolled back: serving {pointer.current} instead of {pointer.previous}; "
+                      f"{pointer.previous} will not be re-installed from its retained "
+                      "deployment (deploy a new bundle to move on)", highlight=False)
+    elif outcome.rejected:
+        fail(code=1, problem=f"refused {export_dir}: {outcome.rejected}")
+    else:
+        console.print(f"{'already ' if outcome.already else ''}installed {outcome.installed} "
+                      f"from {export_dir}", highlight=False)

@@ -62,6 +62,8 @@ def provision_cmd(
         note(f"{device} is still listed in {federation_file} but was revoked; it was skipped "
              "(give a replacement a new id)")
     console.print(f"{_privacy_line(privacy_report(result.config))}\n"
+                  f"federation CA SHA-256 fingerprint: {result.ca_fingerprint} (`fededge "
+                  "verify-kit` prints the one a kit trusts; compare them)\n"
                   f"start: {result.out}/broker/start.sh, {result.out}/server/start.sh, then "
                   f"each device's start.sh; check a kit with `fededge verify-kit DIR`",
                   highlight=False)
@@ -69,19 +71,28 @@ def provision_cmd(
 
 def verify_kit_cmd(
     directory: Path = typer.Argument(..., help="The provision output or one kit in it."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="The federation's CA certificate to "
+                                      "trust (KITS/ca/ca.crt; default: the kit's own ca.crt, "
+                                      "whose fingerprint is printed to compare)."),
 ) -> None:
-    """Check every file of a kit against its manifest (SHA-256); exit 1 on any difference."""
+    """Check a kit's signed manifest: the signature, every file's SHA-256 and the mode of secret
+    files; exit 1 naming every difference."""
     from fededge.kits.manifest import verify_manifest
 
     try:
-        checked, problems = verify_manifest(directory)
+        check = verify_manifest(directory, ca)
     except FedEdgeError as exc:
         fail(exc)
-    for problem in problems:
-        console.print(f"[bold red]tampered:[/] {directory}/{problem}", highlight=False)
-    if problems:
+    for problem in check.problems:
+        console.print(f"[bold red]problem:[/] {escape(f'{directory}/{problem}')}",
+                      highlight=False)
+    trusted = f"CA {check.ca}" if check.ca else "no CA"
+    if check.problems:
+        console.print(f"{directory}: {len(check.problems)} problem(s); checked against "
+                      f"{trusted}", highlight=False)
         raise typer.Exit(code=1)
-    console.print(f"{directory}: all {checked} files match the manifest", highlight=False)
+    console.print(f"{directory}: all {check.checked} files match the manifest signed by "
+                  f"{check.signer!r}, {trusted}", highlight=False)
 
 
 def broker_cmd(
@@ -154,6 +165,10 @@ def server_cmd(
     console.print(rounds_table(console, done.rows, title="Per-round results (all devices)"))
     console.print(f"federation done: {done.rounds} rounds, {done.accepted} uploads accepted, "
                   f"{done.rejected} rejected", highlight=False)
+    if done.collected:
+        console.print(f"kept the trained students of {', '.join(done.collected)} "
+                      f"({done.summary}); export them with `fededge export {kit} --all --out "
+                      "EXPORT`", highlight=False)
 
 
 def client_cmd(
@@ -185,5 +200,9 @@ def client_cmd(
     except FedEdgeError as exc:
         fail(exc)
     last = result.client.history[-1] if result.client.history else {}
-    console.print(f"federation done: final accuracy {pct(last.get('accuracy'))}; "
+    config = result.client.state.config
+    kept = ("its trained student went to the server (collect_models)"
+            if config is not None and config.collect_models else
+            f"its trained student stays here (`fededge export {kit}`)")
+    console.print(f"federation done: final accuracy {pct(last.get('accuracy'))}; {kept}; "
                   f"{_privacy_line(result.privacy)}", highlight=False)

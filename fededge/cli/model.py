@@ -30,14 +30,20 @@ if TYPE_CHECKING:
 
 
 def export_cmd(
-    run_dir: Path = typer.Argument(..., help="Run directory written by `fededge simulate --out`."),
+    run_dir: Path = typer.Argument(..., help="A run: the --out of `fededge simulate`, a server "
+                                             "kit (KITS/server, once its federation collected "
+                                             "the students), or a device kit (its own "
+                                             "student)."),
     device: Optional[str] = typer.Option(None, "--device", help="Export this device's student."),
     all_devices: bool = typer.Option(False, "--all", help="Export every device's student."),
     quantize: Optional[str] = typer.Option(
         None, "--quantize", help="Also write model.int8.onnx: int8 (calibrated on the proxy set)."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Export root; each student goes to OUT/<device>/ "
-                            "(default RUN_DIR/export)."),
+                            "(default RUN_DIR/export, for a kit KIT/state/export)."),
+    state: Optional[Path] = typer.Option(
+        None, "--state", help="A kit's state directory, when it is not KIT/state (the "
+                              "--state of `fededge server` or `fededge client`)."),
 ) -> None:
     """Export trained students as verified ONNX bundles that run with onnxruntime alone."""
     from fededge.delivery.export import export_run
@@ -45,7 +51,7 @@ def export_cmd(
     try:
         with console.status("exporting and verifying against PyTorch..."):
             results = export_run(run_dir, device=device, all_devices=all_devices,
-                                 quantize=quantize, out=out)
+                                 quantize=quantize, out=out, state=state)
     except (FedEdgeError, OSError) as exc:  # OSError: e.g. an --out the user cannot write to
         fail(exc)
     console.print(_export_table(results))

@@ -65,11 +65,15 @@ def note(message: str, *, style: str = "yellow", label: str = "note") -> None:
     err_console.print(f"[{style}]{label}:[/] {escape(message)}", highlight=False)
 
 
-def fail(problem: BaseException | str, code: int = 2) -> NoReturn:
-    """Print ``error: <problem>`` verbatim and exit: code 2 for bad input, 1 for a verdict.
-    Verbatim because messages name TOML tables ("[federation]") that rich would otherwise take
-    for markup and drop."""
+def print_error(problem: BaseException | str) -> None:
+    """Print ``error: <problem>`` verbatim: messages name TOML tables ("[federation]") that
+    rich would otherwise take for markup and drop."""
     console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False)
+
+
+def fail(problem: BaseException | str, code: int = 2) -> NoReturn:
+    """Print ``error: <problem>`` and exit: code 2 for bad input, 1 for a verdict."""
+    print_error(problem)
     raise typer.Exit(code=code)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from fededge.edge import bundle, runtime
 from fededge.errors import FedEdgeError
 from fededge.kits import pki
 from fededge.kits.kit import DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, Kit, load_kit
-from fededge.kits.mqtt import connect
+from fededge.kits.mqtt import connect, read_retained
 from fededge.transport.base import TransportError
 from fededge.transport.mqtt import MqttTransport
 from fededge.wire.topics import DEPLOY_ROLE, Topics
@@ -84,7 +83,8 @@ def deploy(export_dir: str | Path, kit_dir: str | Path, devices: Sequence[str] =
     topics = Topics(kit.federation)
     transport = connect(kit, role=DEPLOY_ROLE)
     try:
-        retained = _retained_topics(transport, topics, targets, timeout)
+        retained = set(read_retained(transport, [topics.deploy_tree(d) for d in targets],
+                                     topics.deploy_sync, timeout))
         reports = _AgentReports(transport, topics, targets) if wait > 0 else None
         results = []
         for device, (descriptor, chunks) in bundles.items():
@@ -160,43 +160,12 @@ def read_bundle(model_dir: Path, kit: Kit) -> dict[str, bytes]:
     """The files of an export directory (its manifest and every file it lists), verified
     against the manifest and checked to fit the federation's data."""
     try:
-        manifest = runtime.read_manifest(model_dir)
-        bundle.check_fits(manifest, kit.config["input_shape"], kit.config["num_classes"])
-    except (runtime.InferenceError, bundle.DeliveryError) as exc:
+        files = bundle.read_export(model_dir)
+        bundle.check_fits(json.loads(files[runtime.MANIFEST]), kit.config["input_shape"],
+                          kit.config["num_classes"])
+    except bundle.DeliveryError as exc:
         raise DeployError(f"{model_dir}: {exc}") from None
-    names = [runtime.MANIFEST, *manifest["files"]]
-    return {name: (model_dir / name).read_bytes() for name in names}
-
-
-def _retained_topics(transport: MqttTransport, topics: Topics, devices: list[str],
-                     timeout: float) -> set[str]:
-    """Every non-empty retained topic below the devices' deploy topics.
-
-    The broker sends retained messages right after a SUBSCRIBE and handles one client's packets
-    in order, so once a message published *after* subscribing comes back on the sync topic,
-    every retained message has arrived.
-    """
-    seen: set[str] = set()
-    synced = threading.Event()
-    marker = secrets.token_hex(8).encode()
-
-    def on_message(topic: str, payload: bytes) -> None:
-        if topic == topics.deploy_sync:
-            if payload == marker:
-                synced.set()
-        elif payload:
-            seen.add(topic)
-    filters = [*(topics.deploy_tree(d) for d in devices), topics.deploy_sync]
-    for topic_filter in filters:
-        transport.subscribe(topic_filter, on_message)
-    transport.publish(topics.deploy_sync, marker)
-    if not synced.wait(timeout):
-        raise TransportError(f"no answer from the broker within {timeout:.0f} s while reading "
-                             f"the deploy topics of {', '.join(devices)}; check that "
-                             "server@deploy may use them (re-provision the broker kit)")
-    for topic_filter in filters:
-        transport.unsubscribe(topic_filter)
-    return seen
+    return files
 
 
 class _AgentReports:

@@ -1,7 +1,6 @@
 """Export trained students to verified ONNX bundles a device runs with onnxruntime alone.
 
-For each student of a ``fededge simulate`` run directory this writes, into
-``RUN/export/<device>/`` by default:
+For each student of a run this writes, into ``RUN/export/<device>/`` by default:
 
 * ``model.onnx`` — float32, opset ``OPSET``, input ``input`` (N, *input_shape) with a dynamic
   batch axis, output ``logits`` (N, classes), passing ``onnx.checker``'s full check;
@@ -15,6 +14,15 @@ For each student of a ``fededge simulate`` run directory this writes, into
 Export is verified, not assumed: the exported model runs with onnxruntime on the test split,
 through the same preprocessing code the device uses, and any logit further than
 ``PARITY_ATOL`` from PyTorch or any changed argmax fails the export.
+
+A run is any of (``run_source``):
+
+* a ``fededge simulate`` run directory (``summary.json``, ``clients/<id>/``, ``eval_data.npz``);
+* a server kit (``KITS/server``): its state directory has the same layout once a federation
+  that collects models (``[federation] collect_models = true``) has finished;
+* a device kit (``KITS/<device>``): the device's own student from its state directory, with
+  the test and proxy data re-derived from the kit, for federations that keep students on
+  their devices.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import json
 import logging
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +53,7 @@ from fededge import __version__
 from fededge.edge import runtime
 from fededge.errors import FedEdgeError
 from fededge.files import write_file
+from fededge.kits.kit import CLIENT_FILE, SERVER_FILE, STATE_DIR, Kit, load_kit
 from fededge.learn.data import DataError, Standardizer
 from fededge.learn.models import build_student
 from fededge.learn.zoo import UnknownStudentError
@@ -176,41 +185,101 @@ def export_run(
     quantize: str | None = None,
     out: str | Path | None = None,
     int8_max_loss: float = INT8_MAX_LOSS,
+    state: str | Path | None = None,
 ) -> list[ExportResult]:
-    """Export one device's student (``device``) or every student (``all_devices``) of a run.
+    """Export one device's student (``device``) or every student (``all_devices``) of a run
+    (``run_source``: a simulate run, a server kit or a device kit, ``state`` its state
+    directory when not ``KIT/state``).
 
     With neither, a run with a single device exports it. Each student goes to
-    ``out/<device>/``; ``out`` defaults to ``RUN/export``. An int8 model losing more than
-    ``int8_max_loss`` test accuracy is reported as lossy.
+    ``out/<device>/``; ``out`` defaults to ``RUN/export`` (a kit's: ``STATE/export``). An int8
+    model losing more than ``int8_max_loss`` test accuracy is reported as lossy.
     """
     run_dir = Path(run_dir)
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ExportError(
             f"unknown quantization {quantize!r}; use --quantize {' or '.join(QUANTIZE_CHOICES)}"
         )
-    devices = _select_devices(list_devices(run_dir), device, all_devices)
-    data = EvalData.from_run(run_dir)
-    out_root = Path(out) if out is not None else run_dir / "export"
+    source = run_source(run_dir, state)
+    devices = _select_devices(list(source.checkpoints), device, all_devices)
+    data = source.data()
+    out_root = Path(out) if out is not None else source.root / "export"
     return [
-        _export_checkpoint(run_dir / "clients" / d, data, out_root / d, quantize, int8_max_loss)
+        _export_checkpoint(source.checkpoints[d], data, out_root / d, quantize, int8_max_loss)
         for d in devices
     ]
 
 
-def list_devices(run_dir: Path) -> list[str]:
-    """Device ids of a run, from its ``summary.json``."""
+@dataclass(frozen=True)
+class RunSource:
+    """Where a run's students and evaluation data are (see the module docstring)."""
+
+    root: Path                        # holds the run's files; exports go to root/export
+    checkpoints: dict[str, Path]      # device -> directory of its student.safetensors/.json
+    data: Callable[[], EvalData]      # the raw test and proxy data, loaded when needed
+
+
+def run_source(run_dir: Path, state: Path | None = None) -> RunSource:
+    """The students of a simulate run, a server kit or a device kit (``state``: a kit's state
+    directory when it is not ``KIT/state``)."""
+    if (run_dir / SERVER_FILE).is_file() or (run_dir / CLIENT_FILE).is_file():
+        kit = load_kit(run_dir)
+        state = Path(state) if state is not None else kit.path(STATE_DIR)
+        return _server_source(kit, state) if kit.is_server else _device_source(kit, state)
+    if state is not None:
+        raise ExportError(f"--state is for a kit; {run_dir} is a run directory")
+    return _run_directory(run_dir)
+
+
+def _run_directory(run_dir: Path, what: str = "the --out of `fededge simulate`") -> RunSource:
     summary = run_dir / "summary.json"
     if not run_dir.is_dir():
-        raise ExportError(f"{run_dir}: no such run directory; pass the --out of `fededge simulate`")
+        raise ExportError(f"{run_dir}: no such run directory; pass {what}")
     if not summary.is_file():
-        raise ExportError(
-            f"{run_dir}: not a fededge run directory (no summary.json); pass the --out of "
-            "`fededge simulate`"
-        )
+        raise ExportError(f"{run_dir}: not a fededge run directory (no summary.json); pass {what}")
     try:
-        return [c["id"] for c in json.loads(summary.read_text())["clients"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        clients = json.loads(summary.read_text())["clients"]
+        checkpoints = {c["id"]: run_dir / c.get("checkpoint", f"clients/{c['id']}")
+                       for c in clients}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ExportError(f"{summary}: unreadable client list ({exc!r})") from None
+    return RunSource(run_dir, checkpoints, lambda: EvalData.from_run(run_dir))
+
+
+def _server_source(kit: Kit, state: Path) -> RunSource:
+    """A server kit: what its federation collected, in its state directory."""
+    if not (state / "summary.json").is_file():
+        raise ExportError(
+            f"{kit.directory}: no summary.json in {state}: the server writes it when its "
+            f"federation has finished (`fededge server --kit {kit.directory}`), or pass --state "
+            "with its state directory")
+    source = _run_directory(state, "the server's --state directory")
+    if not source.checkpoints:
+        collected = json.loads((state / "summary.json").read_text()).get("collect_models")
+        why = ("its federation keeps trained students on their devices (collect_models = "
+               "false)" if not collected else "no device sent its trained student")
+        raise ExportError(f"{kit.directory}: the server has no students to export: {why}; "
+                          "export each device's own with `fededge export KITS/<device>` on "
+                          "the device and install it with `fededge agent --kit KITS/<device> "
+                          "--install EXPORT/<device>`")
+    return source
+
+
+def _device_source(kit: Kit, state: Path) -> RunSource:
+    """A device kit: its own student, with the federation's test and proxy data re-derived
+    from the kit (what the device trained and evaluated on)."""
+    if not kit.trains:
+        raise ExportError(f"{kit.file}: device {kit.device!r} is agent-only and trains no "
+                          f"student; export the model of {kit.model_from!r} and deploy or "
+                          "install that")
+
+    def data() -> EvalData:
+        from fededge.kits.run import kit_split
+
+        split = kit_split(kit)[0]
+        return EvalData(split.raw_test_X.astype(np.float32), split.test_y.astype(np.int64),
+                        split.raw_public_X.astype(np.float32))
+    return RunSource(state, {kit.device: state}, data)
 
 
 def _select_devices(known: list[str], device: str | None, all_devices: bool) -> list[str]:

@@ -1,5 +1,11 @@
-"""``fededge agent``: the device side of model delivery. Receives its bundles over MQTT, checks
-them, installs them atomically and serves the installed model.
+"""``fededge agent``: the device side of model delivery. Receives its bundles over MQTT (or takes
+a local export directory, ``install_local``), checks them, installs them atomically and serves
+the installed model.
+
+The broker is not needed to serve: the agent loads the installed model first and connects in
+the background, retrying with backoff (``MqttTransport.start``) while the broker is down at
+start or goes away later; ``broker_state`` says how it stands, and after every reconnect the
+agent publishes its report again (a restarted broker has lost the retained one).
 
 A bundle is installed only after every check passed, in this order (the first failure is the
 logged and reported reason, and the model already installed keeps serving):
@@ -11,6 +17,9 @@ logged and reported reason, and the model already installed keeps serving):
    federation's (the kit's ``[config]``);
 4. a smoke test: each model file loads with the device's execution providers and turns a few
    synthetic samples into finite logits of the right shape.
+
+A local install (an export made on the device itself, when the federation does not collect
+models) has no descriptor to check; checks 3 and 4 are the same.
 
 Reports go, retained, to ``fededge/<fed>/presence/<device>/agent`` (JSON: installed and previous
 version, smoke test, last rejection); one level below the presence topic, so neither the
@@ -27,6 +36,7 @@ import datetime as dt
 import json
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,18 +138,20 @@ class Agent:
         self._smoke: dict[str, Any] | None = None
         self._rejection: dict[str, Any] | None = None
         self._transport: MqttTransport | None = None
+        self._reconnected = threading.Event()    # set by the transport after each connect
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> Agent:
-        """Tidy the install directory, load the installed model, connect and subscribe."""
+        """Tidy the install directory, load the installed model, then connect in the
+        background and subscribe (the model serves whether or not the broker answers)."""
         self.installs.clean()
         self._follow_pointer()
         offline = json.dumps({"device": self.kit.device, "status": "offline"}).encode()
-        self._transport = connect(self.kit, role=AGENT_ROLE,
+        self._transport = connect(self.kit, role=AGENT_ROLE, background=True,
                                   will=(self.topics.agent_status(self.kit.device), offline))
+        self._transport.on_connected(self._reconnected.set)
         self._transport.subscribe(self.topics.deploy(self.kit.device), self._enqueue)
-        self._report()
         return self
 
     def run(self, *, once: bool = False, timeout: float | None = None) -> Outcome | None:
@@ -155,7 +167,10 @@ class Agent:
 
     def step(self, wait: float) -> Outcome | None:
         """Handle at most one message (waiting up to ``wait`` seconds for it), then pick up a
-        rollback made meanwhile."""
+        rollback or local install made meanwhile."""
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            self._report()
         outcome = None
         try:
             topic, payload = self._inbox.get(timeout=wait)
@@ -176,11 +191,24 @@ class Agent:
         return outcome
 
     def stop(self) -> None:
-        """Say goodbye on the report topic and disconnect."""
+        """Say goodbye on the report topic and disconnect (without the broker: at once)."""
         if self._transport is not None:
-            self._report(status="offline")
-            self._transport.close()
+            if self._transport.connected:
+                self._report(status="offline")
+                self._transport.close()
+            else:
+                self._transport.close(timeout=0)
             self._transport = None
+
+    def broker_state(self) -> dict[str, Any]:
+        """Whether the broker connection is up, since when, and why not (for ``/health``)."""
+        transport = self._transport
+        if transport is None:
+            return {"connected": False, "since": None, "problem": "not started"}
+        since = dt.datetime.fromtimestamp(transport.since, dt.timezone.utc)
+        return {"connected": transport.connected,
+                "since": since.isoformat(timespec="seconds"),
+                "problem": None if transport.connected else transport.problem}
 
     def report(self, status: str = "online") -> dict[str, Any]:
         """The JSON document published on the report topic."""
@@ -257,6 +285,31 @@ class Agent:
                                                  for i in range(len(descriptor.chunks))])
         except bundle.DeliveryError as exc:
             return self._reject(pending.sealed, version, str(exc))
+        outcome = self._check_and_install(version, files)
+        if outcome.rejected is not None:
+            return self._reject(pending.sealed, version, outcome.rejected)
+        self._report()
+        return outcome
+
+    def install_local(self, export_dir: Path) -> Outcome:
+        """Install an export directory on this device (``fededge agent --install``): the same
+        checks as a delivered bundle after its signature (the manifest's hashes, the
+        federation's input and classes, the smoke test). A running agent switches to it
+        within a second."""
+        self.installs.clean()
+        try:
+            files = bundle.read_export(export_dir)
+        except bundle.DeliveryError as exc:
+            return Outcome(rejected=str(exc))
+        current = self.installs.pointer().current
+        if bundle.same_content(current, files[runtime.MANIFEST]):
+            return Outcome(installed=current, already=True)
+        version = bundle.version_id(files[runtime.MANIFEST], dt.datetime.now(dt.timezone.utc))
+        return self._check_and_install(version, files)
+
+    def _check_and_install(self, version: str, files: dict[str, bytes]) -> Outcome:
+        """Stage ``files`` as ``version``, check them, and make them current; the reason of
+        the first failed check otherwise (the staged copy is then deleted)."""
         try:
             path = self.installs.stage(version, files)
             manifest = runtime.read_manifest(path)
@@ -264,20 +317,19 @@ class Agent:
                                 self.kit.config["num_classes"])
         except (OSError, runtime.InferenceError, bundle.DeliveryError) as exc:
             self.installs.discard(version)
-            return self._reject(pending.sealed, version, str(exc))
+            return Outcome(rejected=str(exc))
         try:
             model = smoke_test(path, manifest, self.providers, self.threads)
         except bundle.DeliveryError as exc:
             self.installs.discard(version)
             self._smoke = {"version": version, "passed": False, "detail": str(exc)}
-            return self._reject(pending.sealed, version, str(exc))
+            return Outcome(rejected=str(exc))
         self.installs.activate(version)
         self.served, self._loaded = Served(version, model), version
         self._smoke = {"version": version, "passed": True,
                        "detail": f"{SMOKE_SAMPLES} synthetic samples on "
                                  f"{', '.join(model.providers)}"}
         self.events(f"installed {version} (smoke test passed on {', '.join(model.providers)})")
-        self._report()
         return Outcome(installed=version)
 
     def _reject(self, sealed: str, version: str | None, reason: str) -> Outcome:
@@ -317,6 +369,8 @@ class Agent:
             self._report()
 
     def _report(self, status: str = "online") -> None:
-        if self._transport is not None:
+        """Publish the report, retained; while disconnected nothing is queued: the agent
+        reports again after the next connect."""
+        if self._transport is not None and self._transport.connected:
             self._transport.publish(self.topics.agent_status(self.kit.device),
                                     json.dumps(self.report(status)).encode(), retain=True)

@@ -1,5 +1,6 @@
 """Model delivery on the wire: how ``fededge deploy`` packs, chunks and signs an exported bundle,
-and how the edge agent checks what it receives. No I/O and no torch: both ends import it.
+and how the edge agent checks what it receives. No network and no torch: both ends import it
+(reading an export directory is the only file access).
 
 A bundle is the files of one export directory (``manifest.json`` and every file it lists)
 concatenated in name order. Its **descriptor** names the federation, the device, the version,
@@ -26,10 +27,13 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from fededge.edge import runtime
 from fededge.edge.runtime import MANIFEST
 from fededge.errors import FedEdgeError
 from fededge.kits import pki
@@ -133,6 +137,17 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_export(model_dir: str | Path) -> dict[str, bytes]:
+    """The files of an export directory (``fededge export`` writes one per device): its
+    manifest and every file it lists, each checked against the manifest's SHA-256."""
+    try:
+        manifest = runtime.read_manifest(model_dir)
+    except runtime.InferenceError as exc:
+        raise DeliveryError(str(exc)) from None
+    return {name: (Path(model_dir) / name).read_bytes()
+            for name in [MANIFEST, *manifest["files"]]}
+
+
 def check_fits(manifest: dict[str, Any], input_shape: list[int], num_classes: int) -> None:
     """Raise unless the exported model takes ``input_shape`` samples and scores
     ``num_classes`` classes, as the federation's data does."""
@@ -155,6 +170,11 @@ def version_id(manifest: bytes, when: dt.datetime) -> str:
     return f"{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{sha256_hex(manifest)[:12]}"
 
 
+def same_content(version: str | None, manifest: bytes) -> bool:
+    """True if ``version`` (a ``version_id``) names a bundle with this manifest."""
+    return version is not None and version.endswith("-" + sha256_hex(manifest)[:12])
+
+
 def describe(federation: str, device: str, files: dict[str, bytes], *, chunk_bytes: int,
              when: dt.datetime) -> tuple[Descriptor, list[bytes]]:
     """Pack ``files`` (name → content) into a bundle for ``device``; returns its descriptor
@@ -175,11 +195,8 @@ def describe(federation: str, device: str, files: dict[str, bytes], *, chunk_byt
 def seal(descriptor: Descriptor, signer: pki.Identity) -> bytes:
     """The descriptor with its signature and the signer's certificate, ready to publish."""
     text = descriptor.to_json()
-    return json.dumps({
-        "format": FORMAT, "descriptor": text.decode(),
-        "signature": base64.b64encode(pki.sign(signer, text)).decode(),
-        "certificate": signer.cert_pem.decode(),
-    }, sort_keys=True).encode()
+    return json.dumps({"format": FORMAT, "descriptor": text.decode(),
+                       **pki.signature_fields(signer, text)}, sort_keys=True).encode()
 
 
 def open_seal(payload: bytes, ca: x509.Certificate) -> Descriptor:
@@ -190,12 +207,12 @@ def open_seal(payload: bytes, ca: x509.Certificate) -> Descriptor:
     try:
         envelope: dict[str, Any] = boundedjson.loads(payload, max_depth=4)
         text = envelope["descriptor"].encode()
-        signature = base64.b64decode(envelope["signature"], validate=True)
-        certificate = envelope["certificate"].encode()
+        base64.b64decode(envelope["signature"], validate=True)
+        envelope["certificate"].encode()
     except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
         raise DeliveryError(f"not a sealed {FORMAT} descriptor") from None
     try:
-        pki.verify_signature(certificate, ca, text, signature)
+        pki.verify_fields(envelope, ca, text, ExtendedKeyUsageOID.CODE_SIGNING)
     except pki.SignatureError as exc:
         raise DeliveryError(f"signature refused: {exc}") from None
     return Descriptor.from_json(text)

@@ -1,6 +1,8 @@
 """The edge agent's local HTTP endpoint, for other programs on the device (standard library).
 
-    GET  /health    200 {"device", "version", "previous", "providers"}; 503 while nothing serves
+    GET  /health    200 {"device", "version", "previous", "providers", "broker"}; 503 while
+                    nothing serves. ``broker`` is {"connected", "since", "problem"}: the model
+                    serves whether or not the broker is reachable.
     POST /predict   {"x": [[...], ...]} raw features, a batch shaped like the model's input
                     → 200 {"version", "labels", "classes", "confidences"}
 
@@ -52,7 +54,8 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
             served = agent.served
             self._send(200 if served else 503, {
                 "device": report["device"], "version": served.version if served else None,
-                "previous": report["previous"], "providers": report["providers"]})
+                "previous": report["previous"], "providers": report["providers"],
+                "broker": agent.broker_state()})
 
         def do_POST(self) -> None:
             if self.path != "/predict":

@@ -67,6 +67,14 @@ def run_agent(kit: Path, *, http: int | None = None, bind: str = "127.0.0.1",
         agent.stop()
 
 
+def install(kit: Path, export_dir: Path) -> Outcome:
+    """Install the export directory ``export_dir`` on device kit ``kit`` (no broker needed);
+    a running agent switches to it within a second."""
+    from fededge.edge.agent import Agent
+
+    return Agent(load_kit(kit)).install_local(export_dir)
+
+
 def rollback(kit: Path) -> Pointer:
     """Serve the previously installed version of device kit ``kit`` again (a running agent
     switches within a second); returns the new install pointer."""

@@ -42,6 +42,7 @@ from fededge.wire.messages import (
     ConfigMessage,
     ConsensusMessage,
     MetricsMessage,
+    ModelMessage,
     PresenceMessage,
     RoundMessage,
     UploadMessage,
@@ -339,5 +340,21 @@ class FederationClient:
                             "bytes": self._byte_counters()})
 
     def _finish(self) -> None:
+        if self.finished.is_set():
+            return
+        if self.state.config.collect_models and self.state.warmed_up:
+            self._send_model()
         self._publish_presence("offline")
         self.finished.set()
+
+    def _send_model(self) -> None:
+        """The trained student, to a federation that collects them (``collect_models``): its
+        weights, on the upload topic, after the last round's metrics."""
+        weights = {name: tensor.detach().cpu().contiguous().numpy()
+                   for name, tensor in self.trainer.model.state_dict().items()}
+        accuracy = self.history[-1].get("accuracy") if self.history else None
+        body = ModelMessage(self.identity.device_id, self.state.absorbed,
+                            self.state.config.run_id, self.identity.student, weights,
+                            accuracy).encode()
+        self.transport.publish(self.topics.up(self.identity.device_id), body)
+        log.info("%s sent its trained student (%d bytes)", self.identity.device_id, len(body))

@@ -20,6 +20,14 @@ Surviving failures:
 - Presence comes from retained presence messages and Last Wills. A Will is believed only after
   ``presence_grace_s``, because a broker going down fires every device's Will although they
   are back seconds later; a device's own goodbye counts at once.
+- A restarted server (resuming a run) that has a quorum of devices present waits only
+  ``presence_grace_s`` more for the others, not the whole join timeout: a device that died
+  for good left an 'offline' Will, and the rounds close without it.
+
+With ``collect_models`` the devices send their trained students after the last round; the
+server checks each one (this run, the last round, the student the device announced, float32
+weights whose parameter count that student has: ``learn.zoo``, no torch) and keeps the payload
+as it came in its store, with the metadata ``fededge export`` needs (``model_meta``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from fededge.config import MAX_PAYLOAD, FederationConfig
 from fededge.errors import FedEdgeError
 from fededge.federation.store import Store
 from fededge.federation.strategies.base import Reply, ServerStrategy
+from fededge.learn.zoo import UnknownStudentError, estimate_cost
 from fededge.transport.base import Transport, publish_packet_size
 from fededge.wire.envelope import Message, TensorSpec, decode, require_tensors
 from fededge.wire.messages import (
@@ -43,6 +52,7 @@ from fededge.wire.messages import (
     ConfigMessage,
     ConsensusMessage,
     MetricsMessage,
+    ModelMessage,
     Payload,
     PresenceMessage,
     RoundMessage,
@@ -112,9 +122,12 @@ class FederationServer:
                  *, expected_clients: int, store: Store | None = None,
                  context: dict[str, Any] | None = None, join_timeout: float = 120.0,
                  events: ServerEvents | None = None,
-                 max_payload: int = MAX_PAYLOAD) -> None:
+                 max_payload: int = MAX_PAYLOAD,
+                 model_meta: dict[str, Any] | None = None) -> None:
         """``store`` holds the state to resume from (default: in memory, nothing survives);
-        ``context`` lists launch settings besides the config that a resume must match."""
+        ``context`` lists launch settings besides the config that a resume must match;
+        ``model_meta`` goes into every collected student's metadata (``collect_models``: the
+        input shape, classes, preprocessing and dataset ``fededge export`` needs)."""
         self.store = store or Store()
         self.config, resumed = self.store.begin(
             config, {"expected_clients": expected_clients, **(context or {})})
@@ -127,6 +140,9 @@ class FederationServer:
         # Devices to wait for: online, or offline for less than presence_grace_s.
         self.live: dict[str, dict[str, Any]] = {}
         self._offline_since: dict[str, float] = {}
+        self.announced: dict[str, dict[str, Any]] = {}  # every device's last online presence
+        self.model_meta = dict(model_meta or {})
+        self.collected = self.store.models()             # device -> its student's metadata
         self.metrics = self.store.metrics()
         self._received: Counter[str] = Counter()  # packet bytes per device, this process
         self._traffic_base = _measured_before(self.metrics)
@@ -221,6 +237,8 @@ class FederationServer:
                 status = self._on_upload(msg)
             elif isinstance(msg, MetricsMessage) and "/up/" in topic:
                 status = self._on_metrics(msg)
+            elif isinstance(msg, ModelMessage) and "/up/" in topic:
+                status = self._on_model(msg, payload)
             else:
                 raise ProtocolError(f"a {type(msg).__name__} is not accepted on {topic}")
         except ProtocolError as exc:
@@ -259,7 +277,7 @@ class FederationServer:
             raise ProtocolError(f"presence from run {msg.run_id!r}, not this run")
         self.store.set_presence(msg.device, msg.status, msg.to_info())
         if msg.status == "online":
-            self.live[msg.device] = msg.to_info()
+            self.live[msg.device] = self.announced[msg.device] = msg.to_info()
             self._offline_since.pop(msg.device, None)
         elif not msg.is_last_will:  # a goodbye: the device is done
             self.live.pop(msg.device, None)
@@ -326,6 +344,43 @@ class FederationServer:
         return {"sent_bytes": up.get(device, 0) + self._received[device],
                 "received_bytes": down + self.transport.stats.sent_bytes}
 
+    def _on_model(self, msg: ModelMessage, payload: bytes) -> str:
+        if msg.run_id != self.config.run_id:
+            raise ProtocolError(f"model from run {msg.run_id!r}, not this run")
+        if not self.config.collect_models:
+            raise ProtocolError("this federation does not collect trained students "
+                                "(collect_models = false)")
+        if msg.round != self.config.rounds:
+            raise ProtocolError(f"model after round {msg.round}; students are collected after "
+                                f"the last round, {self.config.rounds}")
+        if msg.device in self.collected:
+            return "duplicate"
+        announced = self.announced.get(msg.device)
+        if announced is None or announced.get("student") != msg.student:
+            raise ProtocolError(f"model of student {msg.student!r}, but {msg.device!r} "
+                                f"announced {(announced or {}).get('student')!r}")
+        try:
+            params = estimate_cost(msg.student, self.config.input_shape,
+                                   self.config.num_classes).params
+        except (UnknownStudentError, ValueError) as exc:
+            raise ProtocolError(f"model of student {msg.student!r}: {exc}") from None
+        if msg.params != params:
+            raise ProtocolError(f"model has {msg.params} weights; student {msg.student!r} has "
+                                f"{params}")
+        meta = {**self.model_meta, "device": msg.device, "profile": announced.get("profile", ""),
+                "student": msg.student, "params": params, "round": msg.round,
+                "accuracy": msg.accuracy, "run_id": msg.run_id}
+        self.store.save_model(msg.device, payload, meta)
+        self.collected[msg.device] = meta
+        return "accepted"
+
+    def _models_in(self, contributors: set[str]) -> bool:
+        """Every device that finished the last round (still here, or reported it) sent its
+        student."""
+        final = self.metrics.get(self.config.rounds, {})
+        waiting = {d for d in contributors if d in self.live or d in final}
+        return waiting <= set(self.collected)
+
     # -- publishing ----------------------------------------------------------------------------
     def _announce(self, current: _OpenRound) -> None:
         waiting = sorted((current.participants | set(self.live)) - set(current.replies))
@@ -348,8 +403,22 @@ class FederationServer:
         return max(1, math.ceil(self.config.quorum * self.expected_clients))
 
     def wait_for_clients(self) -> None:
-        joined = self._pump(lambda: len(self.live) >= self.expected_clients,
-                            time.monotonic() + self.join_timeout)
+        """Until every expected device is present, or a quorum after the join timeout; a
+        resumed run with a quorum present waits ``presence_grace_s`` more at most."""
+        quorum_since: list[float] = []
+
+        def ready() -> bool:
+            if len(self.live) >= self.expected_clients:
+                return True
+            if self.resumed_from_round is None or len(self.live) < self._quorum():
+                quorum_since.clear()
+                return False
+            quorum_since[:] = quorum_since or [time.monotonic()]
+            return time.monotonic() - quorum_since[0] >= self.config.presence_grace_s
+        joined = self._pump(ready, time.monotonic() + self.join_timeout)
+        if joined and len(self.live) < self.expected_clients:
+            log.warning("resuming with %d of %d devices (quorum %d); the others may join "
+                        "later", len(self.live), self.expected_clients, self._quorum())
         if not joined and len(self.live) < self._quorum():
             raise FederationError(
                 f"only {len(self.live)} of {self.expected_clients} clients joined within "
@@ -429,6 +498,9 @@ class FederationServer:
         contributors = set(self.history[-1].accepted)
         self._pump(lambda: contributors & set(self.live) <= set(self.metrics.get(final, {})),
                    time.monotonic() + self.config.deadline_s)
+        if self.config.collect_models:
+            self._pump(lambda: self._models_in(contributors),
+                       time.monotonic() + self.config.deadline_s)
         self.transport.publish(self.topics.round,
                                RoundMessage(final + 1, self.config.run_id, done=True).encode(),
                                retain=True)

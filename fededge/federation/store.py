@@ -14,6 +14,9 @@ What is kept and why:
 - ``presence`` and ``metrics``: what devices announced and reported.
 - ``consensus/round-NNNN.safetensors``: the exact bytes published for each round, re-published
   on restart so clients that missed them can catch up.
+- ``models/<device>/student.safetensors`` + ``student.json`` (``collect_models``): each device's
+  trained student as it arrived, and what ``fededge export`` needs to rebuild it; ``models``
+  indexes them.
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: each commit is one append to the log
 without an fsync, which survives ``kill -9`` of the server (the threat here) but not a power
@@ -38,6 +41,8 @@ from fededge.files import atomic_write
 
 DB_NAME = "server.db"
 CONSENSUS_DIR = "consensus"
+MODELS_DIR = "models"
+STUDENT_WEIGHTS, STUDENT_META = "student.safetensors", "student.json"  # as a device's checkpoint
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS federation (
@@ -59,6 +64,9 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (round, device));
 CREATE TABLE IF NOT EXISTS consensus (
     round INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    device TEXT PRIMARY KEY, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, meta TEXT NOT NULL,
+    at REAL NOT NULL);
 """
 
 
@@ -92,6 +100,7 @@ class Store:
         (tests, benchmarks) without ever taking a write lock."""
         self.directory = Path(directory) if directory is not None else None
         self._consensus: dict[int, bytes] = {}  # only used in memory
+        self._models: dict[str, bytes] = {}     # only used in memory
         if self.directory is None:
             self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         elif readonly:
@@ -113,11 +122,13 @@ class Store:
 
     @staticmethod
     def wipe(directory: Path) -> None:
-        """Delete a state directory's database and consensus files (a fresh run in its place)."""
+        """Delete a state directory's database, consensus files and collected students (a
+        fresh run in its place)."""
         directory = Path(directory)
         for suffix in ("", "-wal", "-shm"):
             (directory / (DB_NAME + suffix)).unlink(missing_ok=True)
         shutil.rmtree(directory / CONSENSUS_DIR, ignore_errors=True)
+        shutil.rmtree(directory / MODELS_DIR, ignore_errors=True)
 
     def close(self) -> None:
         self._db.close()
@@ -341,3 +352,26 @@ class Store:
             raise StoreError(f"consensus of round {rnd} in {self.directory} is missing or "
                              "altered; restore it or start a fresh state directory")
         return body
+
+    # -- collected students ----------------------------------------------------------------------
+    def model_dir(self, device: str) -> Path:
+        """Where device's collected student is (``student.safetensors`` and ``.json``)."""
+        assert self.directory is not None
+        return self.directory / MODELS_DIR / device
+
+    def save_model(self, device: str, payload: bytes, meta: dict[str, Any]) -> None:
+        """Keep a device's trained student: the payload as it arrived, then its metadata, then
+        the index row (a crash in between leaves it uncollected, to be sent again)."""
+        if self.directory is None:
+            self._models[device] = bytes(payload)
+        else:
+            atomic_write(self.model_dir(device) / STUDENT_WEIGHTS, bytes(payload))
+            atomic_write(self.model_dir(device) / STUDENT_META, json.dumps(meta, indent=2))
+        self._db.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                         (device, hashlib.sha256(payload).hexdigest(), len(payload),
+                          json.dumps(meta), time.time()))
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Every collected student's metadata, by device."""
+        return {device: json.loads(meta) for device, meta in self._db.execute(
+            "SELECT device, meta FROM models ORDER BY device")}

@@ -51,11 +51,14 @@ def build_server(transport: Transport, config: FederationConfig, *, expected_cli
                  store: Store | None = None, context: dict[str, Any] | None = None,
                  public_X: np.ndarray | None = None, strategy: ServerStrategy | None = None,
                  join_timeout: float = 120.0, events: ServerEvents | None = None,
-                 max_payload: int = MAX_PAYLOAD) -> FederationServer:
-    """A federation server on ``transport``; ``store`` holds what a restart resumes from."""
+                 max_payload: int = MAX_PAYLOAD,
+                 model_meta: dict[str, Any] | None = None) -> FederationServer:
+    """A federation server on ``transport``; ``store`` holds what a restart resumes from,
+    ``model_meta`` what collected students' metadata carries (``checkpoint_meta``)."""
     return FederationServer(transport, config, strategy or server_strategy(config, public_X),
                             expected_clients=expected_clients, store=store, context=context,
-                            join_timeout=join_timeout, events=events, max_payload=max_payload)
+                            join_timeout=join_timeout, events=events, max_payload=max_payload,
+                            model_meta=model_meta)
 
 
 def open_store(directory: Path) -> Store:

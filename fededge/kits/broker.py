@@ -5,8 +5,9 @@ The kit's files are staged into a fresh private runtime directory and Mosquitto 
 - the kit can live anywhere, including below a directory Mosquitto's user cannot enter;
 - started as root, Mosquitto drops to the conf's ``user`` before it opens the 0600 password
   file, ACL and key; the staged copy is given to that user, the kit itself is left untouched.
-SIGHUP re-stages the password file and ACL and forwards the signal, so a revocation takes
-effect without a restart (retained messages live in memory and would be lost by one).
+SIGHUP re-stages the password file, ACL and revocation list and forwards the signal, so a
+revocation takes effect without a restart (retained messages live in memory and would be lost
+by one): Mosquitto re-reads all three, and rebuilds its TLS context with the new CRL.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from fededge.files import SECRET_MODE, atomic_write
 from fededge.kits import mosquitto as mq
 from fededge.transport.brokers import BrokerError, mosquitto_binary, stop_process, wait_for_port
 
-STAGED = (mq.CONF_NAME, mq.PASSWD_NAME, mq.ACL_NAME, mq.CA_NAME, mq.CERT_NAME, mq.KEY_NAME)
-RELOADED = (mq.PASSWD_NAME, mq.ACL_NAME)
+STAGED = (mq.CONF_NAME, mq.PASSWD_NAME, mq.ACL_NAME, mq.CA_NAME, mq.CERT_NAME, mq.KEY_NAME,
+          mq.CRL_NAME)
+RELOADED = (mq.PASSWD_NAME, mq.ACL_NAME, mq.CRL_NAME)
 
 
 def _listening_ports() -> set[int] | None:
@@ -64,7 +66,8 @@ class KitBroker:
         missing = [name for name in STAGED if not (self.kit / name).is_file()]
         if missing:
             raise BrokerError(f"{self.kit}: not a broker kit (missing {', '.join(missing)}); "
-                              "pass the broker/ directory written by `fededge provision`")
+                              "pass the broker/ directory written by `fededge provision` (an "
+                              "older one lacks crl.pem: re-run provision on the same output)")
         conf = (self.kit / mq.CONF_NAME).read_text()
         listener = re.search(r"^listener\s+(\d+)(?:\s+(\S+))?", conf, re.MULTILINE)
         user = re.search(r"^user\s+(\S+)", conf, re.MULTILINE)
@@ -113,7 +116,7 @@ class KitBroker:
         return self
 
     def reload(self) -> None:
-        """Re-read the kit's password file and ACL (after a re-provision or revocation)."""
+        """Re-read the kit's password file, ACL and CRL (after a re-provision or revocation)."""
         if self.proc is not None and self.proc.poll() is None:
             self._stage(RELOADED)
             self.proc.send_signal(signal.SIGHUP)

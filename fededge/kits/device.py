@@ -18,7 +18,7 @@ from fededge.config import FederationConfig
 from fededge.federation import wiring
 from fededge.federation.client import DeviceIdentity, FederationClient, LocalData
 from fededge.kits.kit import STATE_DIR, Kit, KitError
-from fededge.kits.mqtt import connect
+from fededge.kits.mqtt import connect_chunked
 from fededge.kits.run import kit_config, kit_split
 from fededge.learn.data import FederatedSplit, load_private_npz
 from fededge.learn.privacy import worst_case_mu
@@ -35,13 +35,15 @@ class ConfigGuard(TransportWrapper):
 
     Local DP is only local if the device, not the server, decides the noise: the server's
     published config must not imply a weaker worst-case guarantee than the one provisioned in
-    this kit. A weaker config never reaches the client, which therefore never uploads.
+    this kit, nor collect the trained student when the kit keeps it on the device. Such a
+    config never reaches the client, which therefore never uploads.
     """
 
     def __init__(self, inner: Transport, federation: str, floor: FederationConfig) -> None:
         super().__init__(inner)
         self._config_topic = Topics(federation).config
         self._floor, self._floor_noise = worst_case_mu(floor), floor.ldp_noise_multiplier
+        self._keeps_model = not floor.collect_models
         self.refusal: str | None = None
 
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
@@ -62,6 +64,9 @@ class ConfigGuard(TransportWrapper):
             offered = ConfigMessage.parse(decode(payload)).config
         except ProtocolError:
             return None  # malformed: the client rejects it with its own reason
+        if offered.collect_models and self._keeps_model:
+            return ("the server's config collects the trained students (collect_models), "
+                    "which this kit keeps on the device; refusing to take part")
         if worst_case_mu(offered) <= self._floor * (1 + 1e-9):
             return None
         return (f"the server's config (noise multiplier {offered.ldp_noise_multiplier}, "
@@ -116,8 +121,9 @@ def run_client(kit: Kit, *, data: str | Path | None = None, state: Path | None =
     torch.set_num_threads(threads)
     local, split, dataset = _local_data(kit, data)
     params = estimate_cost(kit.student, split.input_shape, split.num_classes).params
-    transport = connect(kit, will=FederationClient.last_will(kit.federation, kit.device))
-    guard = ConfigGuard(transport, kit.federation, floor)
+    transport, chunked = connect_chunked(
+        kit, will=FederationClient.last_will(kit.federation, kit.device))
+    guard = ConfigGuard(chunked, kit.federation, floor)
     client = wiring.build_client(
         guard, floor, DeviceIdentity(kit.device, kit.profile, kit.student, params), local,
         seed=kit.seed, checkpoint_dir=state or kit.path(STATE_DIR),

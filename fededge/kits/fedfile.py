@@ -32,6 +32,8 @@ from fededge.schema import STRICT, Identifier, NonNegative, Port, SchemaError, T
 from fededge.wire.topics import SERVER_ID
 
 T = TypeVar("T")
+# FederationConfig settings the [federation] table decides (who may see what), not [training].
+FEDERATION_SETTINGS = ("collect_models",)
 # Ids a device cannot take: the server's MQTT user, and the provision output's other kits.
 RESERVED_IDS = (SERVER_ID, "ca", "broker", MANIFEST_FILE)
 PRIVACY_KEYS = {"noise_multiplier": "ldp_noise_multiplier", "clip": "ldp_clip",
@@ -132,6 +134,7 @@ class DeviceSpec:
 @dataclass(frozen=True, config=STRICT)
 class _FederationTable:
     name: Identifier
+    collect_models: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +222,8 @@ def load_federation_file(path: str | Path) -> FederationSpec:
                          f"plain_port {broker.plain_port} equals tls_port; use another port")
     dataset = read.record(DatasetSpec, raw["dataset"], "dataset")
 
-    settings = _settings(read, raw)
+    settings = {**_settings(read, raw),
+                **{key: getattr(fed, key) for key in FEDERATION_SETTINGS}}
     devices = _devices(read, raw.get("devices"))
     return FederationSpec(path, fed.name, broker, dataset, settings, devices, lines)
 
@@ -227,7 +231,8 @@ def load_federation_file(path: str | Path) -> FederationSpec:
 def _settings(read: _Reader, raw: dict[str, Any]) -> dict[str, Any]:
     """[training] (FederationConfig fields) and [privacy] (the ldp_* fields, short names),
     each value checked by the federation settings' schema (``config.check_setting``)."""
-    settable = [name for name in SETTINGS if name not in DERIVED and not name.startswith("ldp_")]
+    settable = [name for name in SETTINGS if name not in DERIVED
+                and name not in FEDERATION_SETTINGS and not name.startswith("ldp_")]
     tables = {"training": (settable, lambda key: key),
               "privacy": (list(PRIVACY_KEYS), PRIVACY_KEYS.__getitem__)}
     settings: dict[str, Any] = {}

@@ -25,11 +25,13 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from fededge.wire.topics import AGENT_ROLE, SERVER_ID
+from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, LOCK_ROLE, SERVER_ID
 
 CLIENT_FILE, SERVER_FILE = "client.toml", "server.toml"
 PASSWORD_FILE, CA_FILE, CERT_FILE, KEY_FILE = "password", "ca.crt", "client.crt", "client.key"
 DEPLOY_CERT_FILE, DEPLOY_KEY_FILE = "deploy.crt", "deploy.key"  # server kit: signs bundles
+SERVER_ROLES = (DEPLOY_ROLE, LOCK_ROLE)  # `fededge deploy`; the probe of the one-server lock
+DEVICE_ROLES = (AGENT_ROLE,)             # the edge agent
 DATASET_FILE = "dataset.npz"   # a federation's .npz dataset, when it is not a built-in one
 MANIFEST_FILE = "manifest.json"
 STATE_DIR = "state"            # runtime output (checkpoints) below a kit; not part of the kit
@@ -37,6 +39,21 @@ STATE_DIR = "state"            # runtime output (checkpoints) below a kit; not p
 # agent-only device that trains nothing and runs the model of a training device (``model_from``).
 CLIENT_ROLE = "client"
 ROLES = (CLIENT_ROLE, AGENT_ROLE)
+
+
+def party_roles(party: str) -> tuple[str, ...]:
+    """The second MQTT users of a party (``topics.role_user``): each runs beside the party's
+    own process and so needs its own user, and with it its own certificate."""
+    return SERVER_ROLES if party == SERVER_ID else DEVICE_ROLES
+
+
+def login_files(role: str | None = None) -> tuple[str, str]:
+    """The certificate and key of a kit's MQTT login: ``client.crt`` for the party itself,
+    ``client-<role>.crt`` for its ``role`` user. The broker takes a certificate's CN as the user
+    name, so each user has its own."""
+    if role is None:
+        return CERT_FILE, KEY_FILE
+    return f"client-{role}.crt", f"client-{role}.key"
 
 
 class KitError(FedEdgeError, ValueError):

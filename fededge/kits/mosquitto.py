@@ -19,10 +19,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from fededge.config import MAX_PAYLOAD, FederationConfig
+from fededge.kits.kit import party_roles
 from fededge.kits.render import render, when
 from fededge.wire.topics import (
     AGENT_ROLE,
     DEPLOY_ROLE,
+    LOCK_ROLE,
     MAX_CHUNKS,
     SERVER_ID,
     Topics,
@@ -40,6 +42,7 @@ DEFAULT_QUEUE = 1000
 MAX_PACKET_SIZE = MAX_PAYLOAD + 64 * 1024  # payload limit plus topic and headers
 CONF_NAME, PASSWD_NAME, ACL_NAME = "mosquitto.conf", "passwd", "acl"
 CA_NAME, CERT_NAME, KEY_NAME = "ca.crt", "broker.crt", "broker.key"
+CRL_NAME = "crl.pem"  # the revoked certificates (provision --revoke), checked at every handshake
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -86,13 +89,14 @@ def render_passwd(passwords: dict[str, str], previous: dict[str, str]) -> str:
 
 
 def broker_users(passwords: dict[str, str], agents: Collection[str] = ()) -> dict[str, str]:
-    """Every MQTT user of a federation from its parties' passwords: each party, plus
-    ``server@deploy`` for ``fededge deploy`` and ``<device>@agent`` for each device's edge
-    agent (see ``topics.role_user``), which log in with their party's password. An agent-only
-    device (in ``agents``) gets only its ``<device>@agent`` user: it never trains."""
+    """Every MQTT user of a federation from its parties' passwords: each party, plus its role
+    users (``kit.party_roles``: ``server@deploy`` for ``fededge deploy``, ``server@lock`` for the
+    one-server check, ``<device>@agent`` for each device's edge agent), which log in with their
+    party's password. An agent-only device (in ``agents``) gets only its ``<device>@agent``
+    user: it never trains."""
     users = {party: password for party, password in passwords.items() if party not in agents}
     for party, password in passwords.items():
-        users[role_user(party, DEPLOY_ROLE if party == SERVER_ID else AGENT_ROLE)] = password
+        users.update({role_user(party, role): password for role in party_roles(party)})
     return users
 
 
@@ -114,16 +118,22 @@ def render_acl(federation: str, devices: list[str], agents: Collection[str] = ()
         "# Model delivery: `fededge deploy` (server@deploy) writes the deploy topics and reads the",
         "# agents' reports; each device's edge agent (<device>@agent) reads only its own deploy",
         "# topics and writes only its own report. Agent-only devices (no training) have only",
-        "# that agent user.",
+        "# that agent user. The running server holds a retained claim (one server per",
+        "# federation), which server@lock reads before a server connects.",
         "",
         f"user {SERVER_ID}",
         f"topic read {t.all_up}",
         f"topic read {t.all_presence}",
         *(f"topic write {topic}" for topic in shared),
+        f"topic readwrite {t.server_claim}",
         "",
         f"user {role_user(SERVER_ID, DEPLOY_ROLE)}",
         f"topic readwrite {t.all_deploy}",
         f"topic read {t.agent_status('+')}",
+        "",
+        f"user {role_user(SERVER_ID, LOCK_ROLE)}",
+        f"topic read {t.server_claim}",
+        f"topic readwrite {t.server_claim_sync}",
     ]
     for device in sorted({*devices, *agents}):
         if device not in agents:
@@ -204,7 +214,7 @@ def render_conf(s: ConfSettings) -> str:
     c = s.config
     return render(
         "mosquitto.conf.in", federation=c.federation, user=s.user, passwd_file=PASSWD_NAME,
-        acl_file=ACL_NAME, tls_port=s.tls_port, bind=s.bind, ca_file=CA_NAME,
+        acl_file=ACL_NAME, tls_port=s.tls_port, bind=s.bind, ca_file=CA_NAME, crl_file=CRL_NAME,
         cert_file=CERT_NAME, key_file=KEY_NAME, if_plain=when(bool(s.plain_port)),
         if_not_plain=when(not s.plain_port), plain_port=s.plain_port, devices=s.devices,
         rounds=c.rounds, messages_per_round=messages_per_round(c), max_attempts=c.max_attempts,

@@ -1,11 +1,16 @@
 """The federation's small PKI: one CA, a TLS certificate for the broker, one client certificate
-per party (device id as CN), and a code-signing certificate for ``fededge deploy``. Built with
+per MQTT user (its user name as CN: the broker takes the CN as the user, so a certificate is an
+identity), a code-signing certificate for ``fededge deploy``, a kit-signing certificate that
+signs every kit's manifest, and the certificate revocation list the broker checks. Built with
 ``cryptography``; no openssl command line needed.
 
-Bundles are signed with that code-signing certificate rather than the CA key itself, so the CA
-key can stay offline with the operator: devices accept a signature when the certificate chains
-to the CA in their kit and says ``codeSigning``, which no TLS certificate of the federation does
-(a stolen device key cannot sign models for the others).
+Each signature has its own certificate and purpose (extended key usage), and a verifier accepts
+only the purpose it expects: bundles are signed with the code-signing certificate rather than
+the CA key itself, so the CA key can stay offline with the operator, and devices accept a
+signature when the certificate chains to the CA in their kit and says ``codeSigning``, which no
+TLS certificate of the federation does (a stolen device key cannot sign models for the others).
+Kit manifests are signed by provisioning's own certificate (``KIT_SIGNING``, a private purpose),
+so neither a deploy key nor a device key can re-sign an edited kit.
 
 Keys are EC P-256: small enough for a Pi Zero's TLS handshake to stay fast, and supported by
 every OpenSSL that Mosquitto and Python link against. PEM files, unencrypted keys: the device
@@ -14,6 +19,8 @@ has to start unattended, so key protection is file mode 0600 (see ``files.write_
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass
@@ -30,6 +37,12 @@ from fededge.files import write_file, write_secret
 
 CA_YEARS = 10
 LEAF_YEARS = 5
+KIT_SIGNING = x509.ObjectIdentifier("2.25.119213581123806457955107143954843179744")
+"""Extended key usage of the certificate that signs kit manifests: a UUID-based OID (ITU-T
+X.667), so no other certificate of the federation, and no public CA's, has it."""
+USAGE_NAMES = {ExtendedKeyUsageOID.CODE_SIGNING: "code-signing",
+               ExtendedKeyUsageOID.CLIENT_AUTH: "TLS client",
+               ExtendedKeyUsageOID.SERVER_AUTH: "TLS server", KIT_SIGNING: "kit-signing"}
 
 
 class PkiError(FedEdgeError, ValueError):
@@ -112,15 +125,16 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def issue(ca: Identity, common_name: str, *, hosts: list[str] | None = None,
-          code_signing: bool = False) -> Identity:
-    """A leaf certificate signed by ``ca``: a TLS server certificate valid for ``hosts`` (as
-    SANs; clients check the host they dial against them), a code-signing certificate, or else
-    a client certificate."""
+          usage: x509.ObjectIdentifier | None = None) -> Identity:
+    """A leaf certificate signed by ``ca`` for one ``usage`` (extended key usage): by default
+    a TLS server certificate valid for ``hosts`` (as SANs; clients check the host they dial
+    against them), or a TLS client certificate without hosts."""
     ca_cert, ca_key = ca.cert, _private_key(ca)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
-    usage = (ExtendedKeyUsageOID.CODE_SIGNING if code_signing else
-             ExtendedKeyUsageOID.SERVER_AUTH if hosts else ExtendedKeyUsageOID.CLIENT_AUTH)
+    usage = usage or (ExtendedKeyUsageOID.SERVER_AUTH if hosts else
+                      ExtendedKeyUsageOID.CLIENT_AUTH)
+    signs = usage in (ExtendedKeyUsageOID.CODE_SIGNING, KIT_SIGNING)
     builder = (x509.CertificateBuilder()
                .subject_name(_name(common_name, ca_cert.subject.get_attributes_for_oid(
                    NameOID.ORGANIZATION_NAME)[0].value))
@@ -132,7 +146,7 @@ def issue(ca: Identity, common_name: str, *, hosts: list[str] | None = None,
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                             key_encipherment=False, data_encipherment=False,
-                                            key_agreement=not code_signing,
+                                            key_agreement=not signs,
                                             key_cert_sign=False,
                                             crl_sign=False, encipher_only=False,
                                             decipher_only=False), critical=True)
@@ -169,13 +183,68 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
+def usages(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
+    """The certificate's extended key usages (empty without the extension)."""
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
 def is_code_signing(cert: x509.Certificate) -> bool:
     """True if the certificate's extended key usage allows signing code (deploy bundles)."""
+    return ExtendedKeyUsageOID.CODE_SIGNING in usages(cert)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """The SHA-256 fingerprint, as ``openssl x509 -fingerprint -sha256`` prints it."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """A PEM certificate file; an unreadable one is a ``PkiError`` naming it."""
     try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return False
-    return ExtendedKeyUsageOID.CODE_SIGNING in usages
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"{path}: not a readable PEM certificate ({exc})") from None
+
+
+def _load_crl(pem: bytes) -> x509.CertificateRevocationList:
+    try:
+        return x509.load_pem_x509_crl(pem)
+    except ValueError as exc:
+        raise PkiError(f"not a PEM certificate revocation list ({exc})") from None
+
+
+def revoked_serials(pem: bytes) -> list[int]:
+    """The serial numbers a PEM CRL revokes."""
+    return sorted(entry.serial_number for entry in _load_crl(pem))
+
+
+def crl_lists(pem: bytes, ca: x509.Certificate, serials: list[int]) -> bool:
+    """True if the PEM CRL is signed by ``ca``, still valid in a year, and revokes exactly
+    ``serials``."""
+    crl = _load_crl(pem)
+    year = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=365)
+    return (crl.is_signature_valid(ca.public_key()) and crl.issuer == ca.subject
+            and crl.next_update_utc is not None and crl.next_update_utc > year
+            and revoked_serials(pem) == sorted(set(serials)))
+
+
+def revocation_list(ca: Identity, serials: list[int]) -> bytes:
+    """A PEM CRL of ``serials``, signed by ``ca``, valid until the CA expires: the broker refuses
+    a revoked certificate at the TLS handshake, and with a CRL configured it refuses every
+    certificate if the CRL expires, so it must not lapse before the certificates it covers."""
+    ca_cert, now = ca.cert, dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - dt.timedelta(minutes=5))
+               .next_update(ca_cert.not_valid_after_utc))
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial)
+            .revocation_date(now - dt.timedelta(minutes=5)).build())
+    crl = builder.sign(_private_key(ca), hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def sign(identity: Identity, data: bytes) -> bytes:
@@ -183,11 +252,12 @@ def sign(identity: Identity, data: bytes) -> bytes:
     return _private_key(identity).sign(data, ec.ECDSA(hashes.SHA256()))
 
 
-def verify_signature(cert_pem: bytes, ca: x509.Certificate, data: bytes,
-                     signature: bytes) -> x509.Certificate:
+def verify_signature(cert_pem: bytes, ca: x509.Certificate, data: bytes, signature: bytes,
+                     usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.CODE_SIGNING
+                     ) -> x509.Certificate:
     """Check that ``signature`` over ``data`` was made with the key of ``cert_pem``, a
-    code-signing certificate issued by ``ca`` and valid now; returns the certificate. Each
-    failed check raises ``SignatureError`` naming it."""
+    certificate for ``usage`` (code signing by default) issued by ``ca`` and valid now; returns
+    the certificate. Each failed check raises ``SignatureError`` naming it."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
@@ -200,8 +270,9 @@ def verify_signature(cert_pem: bytes, ca: x509.Certificate, data: bytes,
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise SignatureError(f"{who} is not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d}"
                              f" to {cert.not_valid_after_utc:%Y-%m-%d}); check the clock")
-    if not is_code_signing(cert):
-        raise SignatureError(f"{who} is not a code-signing certificate")
+    if usage not in usages(cert):
+        raise SignatureError(f"{who} is not a {USAGE_NAMES.get(usage, usage.dotted_string)} "
+                             "certificate")
     public_key = cert.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise SignatureError(f"{who} does not hold an EC key")
@@ -210,3 +281,22 @@ def verify_signature(cert_pem: bytes, ca: x509.Certificate, data: bytes,
     except InvalidSignature:
         raise SignatureError(f"the signature does not verify with {who}") from None
     return cert
+
+
+def signature_fields(signer: Identity, text: bytes) -> dict[str, str]:
+    """The JSON fields that seal ``text``: an ECDSA signature and the signer's certificate. A
+    sealed document (a deploy descriptor, a kit manifest) carries them beside its exact text."""
+    return {"signature": base64.b64encode(sign(signer, text)).decode(),
+            "certificate": signer.cert_pem.decode()}
+
+
+def verify_fields(fields: dict, ca: x509.Certificate, text: bytes,
+                  usage: x509.ObjectIdentifier) -> x509.Certificate:
+    """Check ``signature_fields`` of ``text`` (see ``verify_signature``); a missing or
+    malformed field is a ``SignatureError`` too."""
+    try:
+        signature = base64.b64decode(fields["signature"], validate=True)
+        certificate = fields["certificate"].encode()
+    except (KeyError, TypeError, AttributeError, ValueError, binascii.Error):
+        raise SignatureError("no well-formed signature and certificate") from None
+    return verify_signature(certificate, ca, text, signature, usage)

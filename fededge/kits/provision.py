@@ -2,19 +2,27 @@
 
 Output layout (``OUT``)::
 
-    ca/        the federation CA (ca.key never leaves this directory) and revoked.json
-    broker/    mosquitto.conf, passwd, acl, the broker's TLS certificate, start script, unit
-    server/    server.toml, password, client certificate and key, ca.crt, the code-signing
-               certificate and key for `fededge deploy`, start script, unit
-    <device>/  client.toml, password, client certificate and key, ca.crt, start script, unit
-               (``fededge client``, or ``fededge agent`` for an agent-only device)
+    ca/        the federation CA (ca.key never leaves this directory), the kit-signing
+               certificate and key (provision.crt/.key) and revoked.json
+    broker/    mosquitto.conf, passwd, acl, crl.pem, the broker's TLS certificate, start
+               script, unit
+    server/    server.toml, password, client certificates and keys (server, server@deploy,
+               server@lock), ca.crt, the code-signing certificate and key for
+               `fededge deploy`, start script, unit
+    <device>/  client.toml, password, client certificates and keys (the device, unless it is
+               agent-only, and <device>@agent), ca.crt, start script, unit (``fededge
+               client``, or ``fededge agent`` for an agent-only device)
+
+The broker takes a client certificate's CN as the MQTT user name, so every user has its own
+certificate, and ``--revoke`` puts a device's certificates on the revocation list (crl.pem).
 
 A device trains (role ``client``) unless its profile cannot (``can_train = false``) or its
 ``[[devices]]`` table says ``role = "agent"``: an agent-only device trains nothing, gets only the
 edge agent's broker user and runs the model of a training device (``model_from``, or the
 largest trained student its profile's budgets allow), which ``fededge deploy`` sends it.
 
-Every kit has a ``manifest.json`` and ``OUT/manifest.json`` covers all files. Provisioning is
+Every kit has a ``manifest.json`` signed by the kit-signing certificate (``manifest.sig``), and
+``OUT/manifest.json`` covers all files. Provisioning is
 incremental: existing CA, passwords, keys and certificates are kept, so adding a device changes
 no one else's credentials; ``--revoke`` removes a device from the password file and ACL and
 deletes its kit. A device still listed after it was revoked is skipped (with a note), never
@@ -26,10 +34,10 @@ error OUT is left as it was); ``ProvisionContext`` is what they share:
 
     Revocations   who is out (``ca/revoked.json``, ``--revoke``); removes their kits
     Planner       roles, the dataset split, students, settings, every party's ``Kit``
-    Certificates  the CA (kept, or created) and every party's certificate
+    Certificates  the CA (kept, or created), every MQTT user's certificate, the signers
     PartyKits     the server's and each device's kit file, password, start script and unit
-    BrokerKit     Mosquitto's password file, ACL and mosquitto.conf, start script and unit
-    Manifests     each kit's ``manifest.json`` and OUT's
+    BrokerKit     Mosquitto's password file, ACL, CRL and mosquitto.conf, start script, unit
+    Manifests     each kit's ``manifest.json`` and OUT's, each signed
 """
 
 from __future__ import annotations
@@ -41,6 +49,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from fededge import __version__
 from fededge.config import ConfigError, FederationConfig
 from fededge.federation.strategies import UnknownStrategyError, strategy_pair
 from fededge.files import private_dir, write_file, write_secret
@@ -63,8 +75,10 @@ from fededge.kits.kit import (
     DatasetRef,
     Kit,
     load_kit,
+    login_files,
+    party_roles,
 )
-from fededge.kits.manifest import write_manifest
+from fededge.kits.manifest import verify_manifest, write_manifest
 from fededge.kits.provisioner import Builder, Context, Provisioner, ProvisionError
 from fededge.kits.render import render, when
 from fededge.learn.aggregate import UnknownAggregatorError
@@ -75,8 +89,13 @@ from fededge.profiles import DeviceProfile, ProfileError, get_profile
 from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, role_user
 
 CA_DIR, BROKER_DIR = "ca", "broker"
+SIGNER_CERT, SIGNER_KEY = "provision.crt", "provision.key"  # in ca/: signs kit manifests
+WHEEL = f"fededge-{__version__}-py3-none-any.whl"
+"""What `make wheel` builds (dist/) and what kits' start scripts and units tell to install."""
 CA_KEY, REVOKED_FILE = "ca.key", "revoked.json"
 LOOPBACK_NAMES = ["localhost", "127.0.0.1"]
+CLIENT_AUTH, SERVER_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH
+CODE_SIGNING = ExtendedKeyUsageOID.CODE_SIGNING
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,7 @@ class ProvisionResult:
     devices: list[PartyPlan]
     revoked: list[str]       # revoked by this run
     skipped: list[str]       # listed in the federation file but revoked earlier
+    ca_fingerprint: str = "" # SHA-256 of the CA certificate: `verify-kit` prints it too
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,7 @@ class ProvisionContext(Context):
     revoked: dict[str, dict] = field(default_factory=dict)   # Revocations: all, with serials
     plan: FederationPlan = field(init=False, repr=False)     # Planner
     ca: pki.Identity | None = None                           # Certificates (None: no CA yet)
+    signer: pki.Identity | None = None                       # Certificates: signs manifests
     passwords: dict[str, str] = field(default_factory=dict)  # PartyKits: party -> broker password
 
 
@@ -142,12 +163,15 @@ class Revocations(Builder):
     def finalize(self, ctx: ProvisionContext) -> None:
         users = mq.parse_passwd((ctx.root / BROKER_DIR / mq.PASSWD_NAME).read_text())
         acl = (ctx.root / BROKER_DIR / mq.ACL_NAME).read_text().splitlines()
+        listed = set(pki.revoked_serials((ctx.root / BROKER_DIR / mq.CRL_NAME).read_bytes()))
         for device in ctx.revoked:
             left = [what for what, there in (
                 ("a kit", (ctx.root / device).exists()),
                 ("a broker user", {device, role_user(device, AGENT_ROLE)} & set(users)),
                 ("an ACL block", {f"user {device}", f"user {role_user(device, AGENT_ROLE)}"}
-                 & set(acl))) if there]
+                 & set(acl)),
+                ("a certificate missing from the revocation list",
+                 not set(_serials(ctx.revoked[device])) <= listed)) if there]
             if left:
                 raise ProvisionError(f"revoked device {device!r} would still have "
                                      f"{' and '.join(left)}; nothing was written")
@@ -192,23 +216,32 @@ class Planner(Builder):
 
 
 class Certificates(Builder):
-    """The federation CA (kept, or created on the first run) and every party's certificate:
-    each kit's client certificate, the server's code-signing one, the broker's TLS one."""
+    """The federation CA (kept, or created on the first run) and every certificate: one per
+    MQTT user (the broker takes its CN as the user name), the server's code-signing one, the
+    broker's TLS one, and the kit-signing one that stays in ca/ with the CA."""
 
     def initialize(self, ctx: ProvisionContext) -> None:
         ctx.ca = _existing_ca(ctx)
 
     def build(self, ctx: ProvisionContext) -> None:
+        ca_dir = private_dir(ctx.root / CA_DIR)
         if ctx.ca is None:
-            ca_dir = private_dir(ctx.root / CA_DIR)
             ctx.ca = pki.create_ca(ctx.spec.name)
             ctx.ca.save(ca_dir / CA_FILE, ca_dir / CA_KEY)
+        ctx.signer = _identity(ca_dir, SIGNER_CERT, SIGNER_KEY, ctx.ca,
+                               f"fededge {ctx.spec.name} kit signing", usage=pki.KIT_SIGNING)
         for kit in ctx.plan.kits:
             directory = private_dir(kit.directory)
-            _identity(directory, CERT_FILE, KEY_FILE, ctx.ca, kit.device)
+            if kit.is_server or kit.trains:
+                _identity(directory, CERT_FILE, KEY_FILE, ctx.ca, kit.device)
+            else:  # an agent-only device logs in only as its agent
+                for name in (CERT_FILE, KEY_FILE):
+                    (directory / name).unlink(missing_ok=True)
+            for role in party_roles(kit.device):
+                _identity(directory, *login_files(role), ctx.ca, role_user(kit.device, role))
             if kit.is_server:  # signs `fededge deploy` bundles, so the CA key can stay offline
                 _identity(directory, DEPLOY_CERT_FILE, DEPLOY_KEY_FILE, ctx.ca,
-                          role_user(SERVER_ID, DEPLOY_ROLE), code_signing=True)
+                          role_user(SERVER_ID, DEPLOY_ROLE), usage=CODE_SIGNING)
             write_file(directory / CA_FILE, ctx.ca.cert_pem)
         broker = private_dir(ctx.root / BROKER_DIR)
         hosts = [ctx.spec.broker.host, *ctx.spec.broker.alt_names, *LOOPBACK_NAMES]
@@ -216,13 +249,14 @@ class Certificates(Builder):
         write_file(broker / mq.CA_NAME, ctx.ca.cert_pem)
 
     def finalize(self, ctx: ProvisionContext) -> None:
-        """The CA key is in ca/ and nowhere else."""
-        key = (ctx.root / CA_DIR / CA_KEY).read_bytes()
+        """The CA key and the kit-signing key are in ca/ and nowhere else."""
+        keys = [(ctx.root / CA_DIR / name).read_bytes() for name in (CA_KEY, SIGNER_KEY)]
         for path in sorted(ctx.root.rglob("*")):
             if (path.is_file() and path.relative_to(ctx.root).parts[0] != CA_DIR
-                    and path.stat().st_size == len(key) and path.read_bytes() == key):
-                raise ProvisionError(f"{ctx.shown(path)} would hold the CA key, which never "
-                                     f"leaves {ctx.out / CA_DIR}; nothing was written")
+                    and path.stat().st_size in {len(k) for k in keys}
+                    and path.read_bytes() in keys):
+                raise ProvisionError(f"{ctx.shown(path)} would hold a key of {ctx.out / CA_DIR}"
+                                     ", which never leaves it; nothing was written")
 
 
 class PartyKits(Builder):
@@ -239,22 +273,37 @@ class PartyKits(Builder):
 
 
 class BrokerKit(Builder):
-    """The broker's kit: Mosquitto's password file, ACL and configuration, start script, unit."""
+    """The broker's kit: Mosquitto's password file, ACL, revocation list and configuration,
+    start script, unit."""
 
     def build(self, ctx: ProvisionContext) -> None:
-        _write_broker_kit(ctx.root / BROKER_DIR, ctx.spec, ctx.passwords, ctx.plan.config,
-                          ctx.plan.agents)
+        directory = ctx.root / BROKER_DIR
+        _write_broker_kit(directory, ctx.spec, ctx.passwords, ctx.plan.config, ctx.plan.agents)
+        _write_crl(directory / mq.CRL_NAME, ctx.ca,
+                   [serial for entry in ctx.revoked.values() for serial in _serials(entry)])
 
 
 class Manifests(Builder):
-    """The SHA-256 of every file: one manifest per kit, one over all of them. Builds last."""
+    """The SHA-256 of every file: one manifest per kit, one over all of them, each signed by
+    the kit-signing certificate. Builds last."""
 
     def build(self, ctx: ProvisionContext) -> None:
-        name = ctx.spec.name
+        name, signer = ctx.spec.name, ctx.signer
         for kit in ctx.plan.kits:
-            write_manifest(kit.directory, f"fededge kit of {kit.device!r}, federation {name!r}")
-        write_manifest(ctx.root / BROKER_DIR, f"fededge broker kit, federation {name!r}")
-        write_manifest(ctx.root, f"fededge kits of federation {name!r}")
+            write_manifest(kit.directory, f"fededge kit of {kit.device!r}, federation {name!r}",
+                           signer)
+        write_manifest(ctx.root / BROKER_DIR, f"fededge broker kit, federation {name!r}",
+                       signer)
+        write_manifest(ctx.root, f"fededge kits of federation {name!r}", signer)
+
+    def finalize(self, ctx: ProvisionContext) -> None:
+        """Every kit verifies as `fededge verify-kit` will check it."""
+        for directory in [*(kit.directory for kit in ctx.plan.kits), ctx.root / BROKER_DIR,
+                          ctx.root]:
+            problems = verify_manifest(directory).problems
+            if problems:
+                raise ProvisionError(f"{ctx.shown(directory)}: {problems[0]}; nothing was "
+                                     "written")
 
 
 def builders() -> list[Builder]:
@@ -272,7 +321,7 @@ def provision(federation_file: str | Path, out: str | Path,
     Provisioner(builders()).provision(ctx)
     return ProvisionResult(ctx.out, ctx.plan.config, ctx.plan.devices, sorted(set(revoke)),
                            [d.id for d in spec.devices if d.id in ctx.revoked
-                            and d.id not in revoke])
+                            and d.id not in revoke], pki.fingerprint(ctx.ca.cert))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -289,11 +338,17 @@ def _revocations(ctx: ProvisionContext) -> dict[str, dict]:
             raise ProvisionError(f"--revoke {device}: no such device in {spec.path} or {ctx.out}")
         if device in revoked:
             continue
-        cert = kit / CERT_FILE
-        serial = format(pki.Identity.load(cert, kit / KEY_FILE).cert.serial_number, "x") \
-            if cert.is_file() else None
-        revoked[device] = {"serial": serial}
+        certs = [kit / login_files(role)[0] for role in (None, *party_roles(device))]
+        revoked[device] = {"serials": [format(pki.load_certificate(c).serial_number, "x")
+                                       for c in certs if c.is_file()]}
     return revoked
+
+
+def _serials(entry: dict) -> list[int]:
+    """The certificate serials of one ``revoked.json`` entry (``serial``: before each MQTT user
+    had its own certificate)."""
+    listed = entry.get("serials") or ([entry["serial"]] if entry.get("serial") else [])
+    return [int(serial, 16) for serial in listed]
 
 
 def _check_orphan_kits(ctx: ProvisionContext) -> None:
@@ -495,20 +550,33 @@ def _existing_ca(ctx: ProvisionContext) -> pki.Identity | None:
 
 def _identity(directory: Path, cert_name: str, key_name: str, ca: pki.Identity,
               common_name: str, hosts: list[str] | None = None,
-              code_signing: bool = False) -> pki.Identity:
+              usage: x509.ObjectIdentifier | None = None) -> pki.Identity:
     """Keep a certificate that still chains to the CA and names the same party (and covers
     the same hosts, for the same purpose); issue a new one otherwise."""
     cert_path, key_path = directory / cert_name, directory / key_name
+    usage = usage or (SERVER_AUTH if hosts else CLIENT_AUTH)
     if cert_path.exists() and key_path.exists():
         kept = pki.Identity.load(cert_path, key_path)
         cert = kept.cert
         if (pki.issued_by(cert, ca.cert) and pki.common_name(cert) == common_name
                 and set(hosts or []) <= set(pki.server_hosts(cert))
-                and pki.is_code_signing(cert) == code_signing):
+                and pki.usages(cert) == {usage}):
             return kept
-    fresh = pki.issue(ca, common_name, hosts=hosts, code_signing=code_signing)
+    fresh = pki.issue(ca, common_name, hosts=hosts, usage=usage)
     fresh.save(cert_path, key_path)
     return fresh
+
+
+def _write_crl(path: Path, ca: pki.Identity, serials: list[int]) -> None:
+    """The revocation list of ``serials``; an existing one of the same CA and serials is kept
+    (a re-run changes no file it need not)."""
+    if path.is_file():
+        try:
+            if pki.crl_lists(path.read_bytes(), ca.cert, serials):
+                return
+        except pki.PkiError:
+            pass  # unreadable or another CA's: replaced
+    write_file(path, pki.revocation_list(ca, serials))
 
 
 def _password(directory: Path) -> str:
@@ -572,7 +640,10 @@ def _write_broker_kit(directory: Path, spec: FederationSpec, passwords: dict[str
 
 
 def _start_script(role: str, what: str, federation: str) -> str:
-    return render("start.sh.in", role=role, what=what, federation=federation)
+    trains = role in ("server", CLIENT_ROLE)
+    return render("start.sh.in", role=role, what=what, federation=federation, wheel=WHEEL,
+                  if_trains=when(trains), if_not_trains=when(not trains),
+                  if_device=when(role in ROLES))
 
 
 def _unit(role: str, what: str, federation: str, threads: int | None) -> str:
@@ -584,4 +655,6 @@ def _unit(role: str, what: str, federation: str, threads: int | None) -> str:
                   if_broker=when(broker), if_not_broker=when(not broker),
                   if_agent=when(agent), if_not_agent=when(not agent),
                   if_state=when(role in ("server", CLIENT_ROLE)),
-                  if_not_state=when(role not in ("server", CLIENT_ROLE)))
+                  if_not_state=when(role not in ("server", CLIENT_ROLE)), wheel=WHEEL,
+                  if_train=when(role in ("server", CLIENT_ROLE)),
+                  if_not_train=when(role not in ("server", CLIENT_ROLE)))

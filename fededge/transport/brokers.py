@@ -85,6 +85,8 @@ class EmbeddedBroker:
         self._loop.close()
 
     def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+        import amqtt.broker  # noqa: F401  here, so a missing amqtt is the caller's ImportError
+
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self._thread = threading.Thread(target=self._run, name="amqtt-broker", daemon=True)

@@ -39,7 +39,9 @@ KIND_UPLOAD = "upload"
 KIND_CONSENSUS = "consensus"
 KIND_METRICS = "metrics"
 KIND_PRESENCE = "presence"
-KINDS = (KIND_CONFIG, KIND_ROUND, KIND_UPLOAD, KIND_CONSENSUS, KIND_METRICS, KIND_PRESENCE)
+KIND_MODEL = "model"
+KINDS = (KIND_CONFIG, KIND_ROUND, KIND_UPLOAD, KIND_CONSENSUS, KIND_METRICS, KIND_PRESENCE,
+         KIND_MODEL)
 
 # safetensors dtype codes we accept, and the numpy dtypes they decode to.
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,

@@ -13,6 +13,9 @@ below are reserved and a strategy cannot overwrite them.
     consensus   consensus (retained)     round, run_id, final, the announcement it answers + body
     metrics     up/<device>              round, run_id, accuracy, compute_intervals, bytes, ...
     presence    presence/<device> (ret.) status, run_id (absent in a Last Will), profile, ...
+    model       up/<device>              round, run_id, student, accuracy + the weights
+                                         (collect_models: the trained student, after the last
+                                         round; the payload is itself a loadable checkpoint)
 
 Parsing raises ``ProtocolError`` with the reason a receiver logs and records; nothing here
 raises anything else for any input (numbers are checked as Python ints and floats before they
@@ -30,13 +33,14 @@ import numpy as np
 
 from fededge.config import ConfigError, FederationConfig
 from fededge.wire.envelope import (
-    MAX_ROUND,
     KIND_CONFIG,
     KIND_CONSENSUS,
     KIND_METRICS,
+    KIND_MODEL,
     KIND_PRESENCE,
     KIND_ROUND,
     KIND_UPLOAD,
+    MAX_ROUND,
     Message,
     encode,
 )
@@ -319,11 +323,49 @@ class PresenceMessage:
                    _int(info, "samples", "presence", high=MAX_SAMPLES, default=0))
 
 
+@dataclass(frozen=True)
+class ModelMessage:
+    """A device's trained student after the last round, when the federation collects models
+    (``collect_models``). Its tensors are the student's weights under their own names, so the
+    payload is a safetensors file a torch loader reads as the student's ``state_dict`` (the
+    envelope's metadata aside): the server checks it and stores the bytes as they came."""
+
+    device: str
+    round: int
+    run_id: str
+    student: str
+    weights: dict[str, np.ndarray]
+    accuracy: float | None = None
+
+    def encode(self) -> bytes:
+        return encode(Message(KIND_MODEL, self.device, self.round,
+                              {"run_id": self.run_id, "student": self.student,
+                               "accuracy": self.accuracy}, self.weights))
+
+    @classmethod
+    def parse(cls, msg: Message) -> ModelMessage:
+        info, what = msg.info, "model"
+        accuracy = info.get("accuracy")
+        if accuracy is not None:
+            accuracy = _number(accuracy, "model accuracy", 0, 1)
+        if not msg.tensors:
+            raise ProtocolError("model carries no weights")
+        bad = sorted(name for name, array in msg.tensors.items() if array.dtype != np.float32)
+        if bad:
+            raise ProtocolError(f"model weights {bad[:3]} are not float32")
+        return cls(msg.sender, msg.round, _run_id(info, what), _text(info, "student", what),
+                   dict(msg.tensors), accuracy)
+
+    @property
+    def params(self) -> int:
+        return int(sum(array.size for array in self.weights.values()))
+
+
 AnyMessage = Union[ConfigMessage, RoundMessage, UploadMessage, ConsensusMessage, MetricsMessage,
-                   PresenceMessage]
+                   PresenceMessage, ModelMessage]
 _PARSERS = {KIND_CONFIG: ConfigMessage, KIND_ROUND: RoundMessage, KIND_UPLOAD: UploadMessage,
             KIND_CONSENSUS: ConsensusMessage, KIND_METRICS: MetricsMessage,
-            KIND_PRESENCE: PresenceMessage}
+            KIND_PRESENCE: PresenceMessage, KIND_MODEL: ModelMessage}
 
 
 def parse(msg: Message) -> AnyMessage:

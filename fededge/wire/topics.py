@@ -13,7 +13,7 @@ from fededge.errors import FedEdgeError
 from fededge.names import ID_RULE, is_id
 
 SERVER_ID = "server"
-AGENT_ROLE, DEPLOY_ROLE = "agent", "deploy"
+AGENT_ROLE, DEPLOY_ROLE, LOCK_ROLE = "agent", "deploy", "lock"
 ROLE_SEPARATOR = "@"
 """Never part of an id, so ``<party>@<role>`` cannot collide with another party's name."""
 
@@ -116,6 +116,16 @@ class Topics:
         """A topic no device reads (ids start with a letter or digit); ``fededge deploy``
         echoes a message through it to know the broker has sent every retained message."""
         return f"{self.root}/deploy/.sync"
+
+    @property
+    def server_claim(self) -> str:
+        """The running server's retained claim (``kits.lock``): one server per federation."""
+        return f"{self.root}/server"
+
+    @property
+    def server_claim_sync(self) -> str:
+        """Where the lock's probe echoes a marker to know the retained claim has arrived."""
+        return f"{self.server_claim}/.sync"
 
     def agent_status(self, device: str) -> str:
         """The edge agent's retained report. One level below the device's presence topic, so

@@ -3,7 +3,7 @@
     sudo .venv/bin/python tests/arm64/run_arm64.py [--cache DIR] [--rebuild] [--skip-delivery]
 
 Builds (once, cached outside the repository) a Debian bookworm arm64 rootfs with debootstrap and
-qemu-user-static and fetches the aarch64 wheels of fededge's ``edge`` extra. On the host it
+qemu-user-static and fetches the aarch64 wheels of fededge's edge install. On the host it
 provisions a federation of a training device and an agent-only device (the emulated one),
 trains and exports the training device's student, and starts the secured Mosquitto. Inside the
 rootfs ``devices/install.sh`` installs the agent-only kit (it must choose the torch-free path by

@@ -2,8 +2,9 @@
 
 Why download on the host: the emulated system then installs offline (``pip --no-index``), which
 is both faster than resolving under qemu and what a device without internet access would do.
-The list is the ``edge`` extra read from pyproject.toml, the same list ``devices/install.sh``
-installs, so the proof covers exactly what a device gets.
+The list is fededge's own dependencies read from pyproject.toml (the torch-free edge install,
+``pip install fededge``), the same list ``devices/install.sh`` installs for an agent-only
+device, so the proof covers exactly what a device gets.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ STAMP = ".complete"
 
 
 def edge_requirements(repo: Path) -> list[str]:
-    """The ``edge`` extra of the repository's pyproject.toml."""
-    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"].get(
-        "optional-dependencies", {})
-    if "edge" not in extras:
-        raise Arm64Error(f"{repo / 'pyproject.toml'}: no [project.optional-dependencies] edge "
-                         "list; the edge agent's requirements live there")
-    return list(extras["edge"])
+    """The base dependencies of the repository's pyproject.toml: the edge install."""
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    if "torch" in " ".join(project.get("dependencies", [])):
+        raise Arm64Error(f"{repo / 'pyproject.toml'}: fededge's own dependencies include torch; "
+                         "they are the edge install and must not (torch is the train extra)")
+    return list(project.get("dependencies", []))
 
 
 def download(requirements: list[str], python: str, cache: Path, log: Path) -> tuple[Path, bool]:
