@@ -168,3 +168,27 @@ def test_the_wrapping_class_counts_would_have_passed_an_int64_sum():
     """The guard this file relies on: numpy's int64 sum really wraps to the declared 7."""
     counts = np.array([2**62, 2**62, 2**62, 2**62 + 1, 1, 1, 1, 1, 1, 1], np.int64)
     assert int(counts.sum()) == 7
+
+
+def test_an_upload_for_a_closed_round_is_still_judged_before_it_is_called_late():
+    """A hostile payload is a rejection whenever it arrives: the content of an upload for a
+    closed round is checked against that round's specs first; only a valid one is 'late'."""
+    server = _server(MemoryHub())
+    server._open = server._prepare(1)
+
+    def upload(device: str, logits: np.ndarray) -> bytes:
+        return killers._upload(device, 1, {"samples": 10, "run_id": CONFIG.run_id, "attempt": 1},
+                               {"logits": logits, "class_counts": np.full(CLASSES, 1, np.int64)})
+    good = np.zeros((ROWS, CLASSES), np.float16)
+    for device in ("dev0", "dev1"):
+        server._handle(TOPICS.up(device), upload(device, good))
+    server._run_round(1)
+    nan = good.copy()
+    nan[3, 4] = np.nan
+    server._handle(TOPICS.up("dev2"), upload("dev2", nan))
+    server._handle(TOPICS.up("dev3"), upload("dev3", good[:, :-1]))
+    server._handle(TOPICS.up("dev4"), upload("dev4", good))
+    verdicts = [(status, reason) for _, _, status, reason in server.store.submissions()[2:]]
+    assert verdicts[0][0] == "rejected" and "NaN or Inf" in verdicts[0][1], verdicts
+    assert verdicts[1][0] == "rejected" and "has shape" in verdicts[1][1], verdicts
+    assert verdicts[2] == ("late", None), verdicts

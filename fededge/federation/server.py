@@ -153,6 +153,7 @@ class FederationServer:
         self._resend_s = self.config.resend_s or self.config.deadline_s / 4
         self._open: _OpenRound | None = None
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._closed_specs: dict[int, list[TensorSpec]] = {}  # rounds this process closed
         self._abort: str | None = None
         transport.subscribe(self.topics.all_up, self._enqueue)
         transport.subscribe(self.topics.all_presence, self._enqueue)
@@ -303,7 +304,11 @@ class FederationServer:
             raise ProtocolError(f"upload from run {msg.run_id!r}, not this run")
         if current is None or msg.round != current.round:
             if 1 <= msg.round <= len(self.history):
-                return "late"  # a straggler or a re-send after the round closed: ignored
+                # A straggler or a re-send after the round closed: ignored, but judged as it
+                # would have been in time, so a hostile upload is a rejection whenever it comes.
+                if msg.round in self._closed_specs:
+                    self._validated_reply(msg, self._closed_specs[msg.round])
+                return "late"
             raise ProtocolError(f"upload for round {msg.round} while round "
                                 f"{current.round if current else 'none'} is open")
         if msg.device in current.replies:
@@ -469,6 +474,7 @@ class FederationServer:
         started = time.monotonic()
         current = self._collect(rnd)
         self._open = None
+        self._closed_specs[rnd] = current.specs
         replies = [current.replies[d] for d in sorted(current.replies)]
         consensus = self.strategy.aggregate(rnd, current.announcement, replies)
         body = ConsensusMessage(rnd, self.config.run_id, current.announcement, consensus,
