@@ -144,6 +144,39 @@ def test_server_killed_mid_round_resumes_it_and_matches_an_uninterrupted_run(spl
     assert _consensus_logits(store, [1, 2, 3]) == _consensus_logits(reference_store, [1, 2, 3])
 
 
+def test_a_server_stopped_before_the_final_reports_gets_them_when_everything_restarts(
+        split, tmp_path):
+    """Stopped after the last consensus but before any final report reached its store, then
+    resumed with devices restarted from checkpoints that already absorbed that consensus: the
+    devices report again and the final round is not left without metrics."""
+    config = small_config(split, rounds=2)
+    hub = MemoryHub()
+    first = Store(tmp_path / "state")
+
+    def crash_on_final_reports(rnd, device, info):
+        if rnd == config.rounds:
+            raise Crash
+        return Store.add_metrics(first, rnd, device, info)
+    first.add_metrics = crash_on_final_reports
+    clients = _clients(hub, split, config, tmp_path / "clients")
+    server = _server(hub, config, first)
+    with pytest.raises(Crash):
+        server.run()
+    _finish(clients)  # every device absorbed the final consensus and checkpointed it
+    for c in clients:
+        c.stop()
+    server.transport.close()
+    first.close()
+
+    store = Store(tmp_path / "state")
+    assert len(store.closed_rounds()) == config.rounds and config.rounds not in store.metrics()
+    hub = MemoryHub()  # a new broker: nothing retained from before
+    restarted = _clients(hub, split, config, tmp_path / "clients")
+    _server(hub, config, store).run()
+    _finish(restarted)
+    assert sorted(store.metrics()[config.rounds]) == ["dev0", "dev1", "dev2"]
+
+
 def test_lost_duplicate_and_late_uploads(split, tmp_path):
     """dev1's first upload is lost on the way: the server names it in `waiting_for` and dev1
     re-sends; dev2 sends everything twice; dev0's round-1 upload comes again after round 1

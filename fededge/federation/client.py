@@ -297,6 +297,12 @@ class FederationClient:
 
     def _on_consensus(self, msg: ConsensusMessage) -> None:
         state = self.state
+        if msg.final and msg.round == state.absorbed and not self.finished.is_set():
+            # Absorbed before a restart, whose report the server may have lost with its own
+            # restart: report again (the server counts a report once) and finish.
+            self._report(msg.round)
+            self._finish()
+            return
         if msg.round <= state.absorbed or not state.warmed_up:
             return  # seen already, or nothing to distill into before the warm-up
         self._timed(state.strategy.absorb, self.ctx, msg.announcement, msg.body)

@@ -498,6 +498,10 @@ class FederationServer:
             # announcement of the round before this server announced it again.
             self._open = self._prepare(first)
             self.wait_for_clients()
+        elif not set(self.history[-1].accepted) <= set(self.metrics.get(self.config.rounds, {})):
+            # Stopped between the last consensus and its reports: the devices must be back
+            # (they absorb the retained consensus and report) before a report can be missing.
+            self.wait_for_clients()
         for rnd in range(first, self.config.rounds + 1):
             self._run_round(rnd)
         final = self.config.rounds
