@@ -16,14 +16,15 @@ from torch import nn
 
 
 def _tiny_convnet(channels: int, num_classes: int) -> nn.Module:
-    """Depthwise-separable convs: few parameters for a very small board."""
+    """Depthwise-separable convs: few parameters for a very small board (3.85k on digits)."""
     return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 32, 1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+        nn.Conv2d(channels, 24, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.Conv2d(24, 96, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, num_classes))
 
 
 def _wide_mlp(features: int, num_classes: int) -> nn.Module:
+    """An MLP over the flattened input (51k parameters on digits)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(features, 256), nn.ReLU(),
                          nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, num_classes))
 
