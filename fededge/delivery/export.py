@@ -440,7 +440,7 @@ def _export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Pat
     """Trace with the legacy TorchScript exporter and run the checker's full check.
 
     ``dynamo=False`` is deliberate: the dynamo exporter needs onnxscript and takes seconds per
-    student, the legacy one tens of milliseconds, and the zoo is plain Sequential layers. The
+    student, the legacy one tens of milliseconds, and the students are traceable layers. The
     trace uses a batch of 2 so no size-1 batch can be constant-folded into the graph.
     """
     example = torch.zeros((2, *input_shape))

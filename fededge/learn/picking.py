@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from fededge.learn import zoo
 from fededge.profiles import DeviceProfile, ProfileError, _display, load_catalog
 
-# Latency model (an estimate, not a benchmark). Students this small are bound by memory
-# traffic, framework dispatch and thread synchronisation, not arithmetic: batch-1 inference
-# reaches a small share of the sustained FP32 throughput. On this project's x86 machine,
-# onnxruntime with one thread reached a median 9 % of one core's sustained matmul throughput
-# over the conv zoo at 3×32×32 (benchmarks/bench_zoo.py, BENCHMARKS.md). A GPU does worse at
-# batch 1 (one small kernel per layer cannot fill it) and pays a fixed cost for kernel
-# launches and host↔device copies on every call.
+# Latency model (an estimate, not a benchmark). Small students are bound by memory traffic,
+# framework dispatch and thread synchronisation as much as by arithmetic, so batch-1 inference
+# reaches only a share of the sustained FP32 throughput. The shares below are deliberately
+# conservative assumptions for edge boards (in-order Cortex-A53s, a GPU that one small kernel
+# per layer cannot fill, which also pays a fixed cost for kernel launches and host↔device
+# copies on every call). They are not measured on the boards: on this project's AVX-512 x86
+# server core, onnxruntime with one thread ran the conv zoo at batch 1 at 10-50 GFLOPS, a much
+# larger share (benchmarks/bench_zoo.py, BENCHMARKS.md), so on x86 the estimate errs slow.
 EFFICIENCY = {"cpu": 0.08, "gpu": 0.03}
 CALL_OVERHEAD_MS = {"cpu": 0.05, "gpu": 0.3}
 DEFAULT_BATCH_SIZE = 32
