@@ -34,7 +34,7 @@ from fededge.learn.data import Dataset as RawDataset
 from fededge.learn.data import FederatedSplit, load_dataset, split_federated
 from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
-from fededge.learn.zoo import image_zoo, tabular_zoo
+from fededge.learn.zoo import conv_zoo, tabular_zoo
 from fededge.profiles import get_profile
 
 PROFILE = "x86-gateway"
@@ -81,8 +81,8 @@ def cases(epochs: int) -> list[Case]:
 
     digits, wine = split(load_dataset("digits")), split(load_dataset("wine"))
     big = split(upsampled_digits(UPSAMPLE))
-    return ([Case("digits 1×8×8", digits, s, epochs) for s in image_zoo()]
-            + [Case("digits 1×32×32", big, image_zoo()[-1], max(1, epochs // 4), stress=True)]
+    return ([Case("digits 1×8×8", digits, s, epochs) for s in conv_zoo()]
+            + [Case("digits 1×32×32", big, conv_zoo()[-1], max(1, epochs // 4), stress=True)]
             + [Case("wine 13", wine, s, 4 * epochs) for s in tabular_zoo()])
 
 
@@ -187,7 +187,7 @@ def _targets(rows: list[Row]) -> list[str]:
 
     zoo = [r for r in rows if not r.case.stress]
     worst = max(zoo, key=b1_ratio)
-    largest = next(r for r in zoo if r.case.student == image_zoo()[-1])
+    largest = next(r for r in zoo if r.case.student == conv_zoo()[-1])
     q = largest.export.int8
     ok = lambda passed: "met" if passed else "**not met**"  # noqa: E731
     lines = [

@@ -49,6 +49,7 @@ def simulate(data: DataSpec = None, *, clients: int = 10, rounds: int = 20,
              settings: Mapping[str, Any] | None = None, baselines: bool = True,
              broker: str = "embedded", out: str | os.PathLike[str] = "runs/latest",
              dashboard: int | None = None, dashboard_host: str = "127.0.0.1",
+             zoo: str | os.PathLike[str] | None = None,
              progress: bool | Callable[[Step], None] = True,
              on_dashboard: Callable[[str], None] | None = None) -> SimulationResult:
     """Run a whole federation on this machine (broker, server, devices over real MQTT), as
@@ -62,7 +63,9 @@ def simulate(data: DataSpec = None, *, clients: int = 10, rounds: int = 20,
     federation settings (``--set``). ``dashboard``: serve the live dashboard on this port
     (0: any free one) while the run lasts; its URL goes to ``on_dashboard`` (default: the
     progress display). ``progress``: True prints a line per phase and round, False nothing, or
-    a callable receives every ``sim.progress.Step``.
+    a callable receives every ``sim.progress.Step``. ``zoo``: a Python file of your own
+    students (``students(input_shape, num_classes) -> {name: module}``) that compete with the
+    built-in ones.
     """
     from fededge.sim.simulate import prepare, run_simulation
 
@@ -70,7 +73,8 @@ def simulate(data: DataSpec = None, *, clients: int = 10, rounds: int = 20,
                               alpha=alpha, seed=seed, aggregator=aggregator, strategy=strategy,
                               profiles=profiles, student=student, codec=codec,
                               max_message=max_message, straggle=straggle, settings=settings,
-                              baselines=baselines, broker=broker, out=out)
+                              baselines=baselines, broker=broker, out=out,
+                              zoo=Path(zoo) if zoo is not None else None)
     on_step = _progress(progress)
     plan = prepare(opts)  # every error the arguments can cause, before anything runs
     if dashboard is None:

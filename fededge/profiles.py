@@ -31,6 +31,9 @@ REFERENCE_GFLOPS = 332.8
 
 ARCHES = frozenset({"aarch64", "armv7l", "x86_64"})
 COMPUTE_UNITS = frozenset({"cpu", "gpu"})
+DEFAULT_SUSTAINED_FRACTION = 0.6
+"""A profile without ``sustained_gflops`` is assumed to sustain this share of its peak: the low
+end of the shipped catalog's deratings (0.55–0.75), so an unknown board is not flattered."""
 
 class ProfileError(FedEdgeError, ValueError):
     """A device profile that cannot be loaded or used; the message names file and field."""
@@ -65,12 +68,22 @@ class DeviceProfile:
     threads: int
     budgets: Budgets
     notes: str = ""
+    sustained_gflops: float | None = None
     path: Path | None = field(default=None, compare=False)  # provenance, for messages
 
     @property
     def relative_compute(self) -> float:
         """Peak compute relative to the x86 gateway (1.0); simulation slows clients by it."""
         return self.peak_gflops / REFERENCE_GFLOPS
+
+    @property
+    def sustained(self) -> float:
+        """FP32 GFLOPS the device keeps up for minutes of dense work: thermal limits, all-core
+        clocks and memory bandwidth derate the peak. Each shipped profile gives its figure and
+        the reason in its TOML; picking's latency estimate starts from this, not the peak."""
+        if self.sustained_gflops is not None:
+            return self.sustained_gflops
+        return self.peak_gflops * DEFAULT_SUSTAINED_FRACTION
 
 
 # --------------------------------------------------------------------------- schema
@@ -120,6 +133,8 @@ _TOP_FIELDS: dict[str, _Field] = {
         lambda v: isinstance(v, str) and v in COMPUTE_UNITS,
     ),
     "peak_gflops": _POSITIVE_NUMBER,
+    "sustained_gflops": _Field(_POSITIVE_NUMBER.expected, _POSITIVE_NUMBER.accepts, float,
+                               required=False),
     "power_w": _POSITIVE_NUMBER,
     "ort_providers": _Field(
         "a non-empty list of onnxruntime provider names ending in 'ExecutionProvider'",
@@ -258,6 +273,11 @@ def _check_consistency(profile: DeviceProfile, where: str) -> None:
         raise ProfileError(
             f"{where}: field 'threads' must be at most 2 × cores = {2 * profile.cores}, "
             f"got {profile.threads}"
+        )
+    if profile.sustained_gflops is not None and profile.sustained_gflops > profile.peak_gflops:
+        raise ProfileError(
+            f"{where}: field 'sustained_gflops' must not exceed peak_gflops = "
+            f"{profile.peak_gflops:g}, got {profile.sustained_gflops:g}"
         )
     if profile.budgets.max_train_memory_mb > profile.ram_mb:
         raise ProfileError(

@@ -99,7 +99,7 @@ def test_npz_refuses_pickled_objects(tmp_path):
 @pytest.mark.parametrize(
     "X, expected",
     [
-        (np.zeros((60, 8, 8), np.float32), r"reshape\(60, 1, 8, 8\)"),
+        (np.zeros((60, 1, 8, 8, 1), np.float32), r"must be 2-D .* 3-D \(samples, channels, length\)"),
         (np.zeros(60, np.float32), "must be 2-D"),
         (np.array(["a"] * 60).reshape(60, 1), "features must be numeric"),
         (np.zeros((60, 2), np.complex64), "features must be numeric"),
@@ -266,3 +266,16 @@ def test_dirichlet_gives_up_with_advice():
         PARTITIONERS["dirichlet"](
             labels, 4, np.random.default_rng(0), alpha=0.01, min_samples=9, max_attempts=5
         )
+
+
+def test_a_3d_npz_is_a_set_of_sequences_standardized_per_channel(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 6, 128)).astype(np.float32) * np.arange(1, 7)[None, :, None]
+    path = tmp_path / "windows.npz"
+    np.savez(path, X=X, y=np.arange(60) % 3)
+    ds = load_dataset(path)
+    assert ds.input_shape == (6, 128) and ds.num_classes == 3
+    split = split_federated(ds, 2, partition="iid", seed=0)
+    assert split.preprocessing.kind == "channel" and split.preprocessing.mean.shape == (6,)
+    per_channel = split.public_X.std(axis=(0, 2))
+    np.testing.assert_allclose(per_channel, np.ones(6), atol=1e-3)

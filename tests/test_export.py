@@ -7,6 +7,7 @@ import json
 import re
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import typer
@@ -21,7 +22,8 @@ from fededge.edge import runtime
 from fededge.learn.data import load_dataset, split_federated
 from fededge.learn.models import build_student
 from fededge.learn.trainer import Trainer
-from fededge.learn.zoo import image_zoo, tabular_zoo
+from fededge.learn.data import Standardizer
+from fededge.learn.zoo import conv_zoo, tabular_zoo, zoo_for
 from fededge.profiles import get_profile
 
 PROFILE = "pi-4-4gb"
@@ -84,7 +86,7 @@ def run_dir(tmp_path_factory, digits):
 # ----------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("kind,name", [("image", n) for n in image_zoo()]
+@pytest.mark.parametrize("kind,name", [("image", n) for n in zoo_for((1, 8, 8))]
                          + [("tabular", n) for n in tabular_zoo()])
 def test_round_trip_parity_and_dynamic_batch(kind, name, digits, wine, tmp_path):
     split = digits if kind == "image" else wine
@@ -102,6 +104,37 @@ def test_round_trip_parity_and_dynamic_batch(kind, name, digits, wine, tmp_path)
         logits = edge.logits(split.raw_test_X[:batch])
         assert logits.shape == (batch, split.num_classes)
         np.testing.assert_allclose(logits, expected[:batch], atol=export.PARITY_ATOL)
+
+
+# Every family member, on the smallest inputs its family takes (residual stages need 16 per
+# side): export, parity check and int8 quantization as `fededge export --quantize int8` runs them.
+FAMILY_CASES = ([(n, (3, 16, 16)) for n in conv_zoo()] + [(n, (6, 16)) for n in conv_zoo()]
+                + [(n, (13,)) for n in tabular_zoo()])
+
+
+@pytest.mark.parametrize("name,shape", FAMILY_CASES,
+                         ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in FAMILY_CASES])
+def test_every_family_member_exports_verifies_and_quantizes(name, shape, tmp_path):
+    rng = np.random.default_rng(0)
+    test_X = rng.normal(size=(6, *shape)).astype(np.float32)
+    public_X = rng.normal(size=(8, *shape)).astype(np.float32)
+    test_y = np.arange(6) % 3
+    std = Standardizer.fit(public_X)
+    meta = StudentMeta(device="dev0", profile=PROFILE, student=name, round=1, accuracy=None,
+                       input_shape=shape, num_classes=3, class_names=["a", "b", "c"],
+                       preprocessing=std.to_dict(), dataset="random")
+    torch.manual_seed(0)
+    model = build_student(name, shape, 3)
+    result = export_student(model, meta, EvalData(test_X, test_y, public_X), tmp_path,
+                            profile=get_profile(PROFILE), quantize="int8")
+    assert result.max_abs_diff <= export.PARITY_ATOL
+    weighted = [n for n in onnx.load(str(tmp_path / runtime.FP32_FILE)).graph.node
+                if n.op_type in ("Conv", "Gemm", "MatMul")]
+    # every weighted layer but the first and the last (kept float, see _quantize_int8)
+    assert result.int8 is not None and result.int8.quantized_layers == len(weighted) - 2
+    assert result.int8.bytes < result.fp32_bytes or result.params < 20_000
+    edge = runtime.EdgeModel(tmp_path)
+    assert edge.logits(test_X[:2]).shape == (2, 3)
 
 
 class ExportsWrong(torch.nn.Module):
@@ -169,13 +202,13 @@ def test_all_devices_go_to_run_export(run_dir):
 
 @pytest.fixture(scope="module")
 def trained_large(digits):
-    model = seeded_student(digits, image_zoo()[-1])
+    model = seeded_student(digits, zoo_for(digits.input_shape)[-1])
     Trainer(model, lr=3e-3, seed=0).fit(digits.clients[0].X, digits.clients[0].y, epochs=6)
     return model
 
 
 def test_int8_within_bounds(trained_large, digits, tmp_path):
-    name = image_zoo()[-1]
+    name = zoo_for(digits.input_shape)[-1]
     result = export_student(trained_large, student_meta(digits, name), eval_data(digits),
                             tmp_path, profile=get_profile(PROFILE), quantize="int8")
     q = result.int8

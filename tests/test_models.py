@@ -11,18 +11,31 @@ import torch
 
 from fededge.learn import arch, models, zoo
 
-IMAGE_SHAPES = [(1, 8, 8), (3, 32, 32), (1, 28, 28)]
+IMAGE_SHAPES = [(1, 8, 8), (3, 32, 32), (1, 28, 28), (3, 96, 96)]
+SEQUENCE_SHAPES = [(6, 128), (2, 40)]
 TABULAR_SHAPES = [(13,), (64,)]
-CASES = [(shape, name) for shape in IMAGE_SHAPES for name in zoo.image_zoo()] + [
-    (shape, name) for shape in TABULAR_SHAPES for name in zoo.tabular_zoo()
-]
+CASES = [(shape, name) for shape in IMAGE_SHAPES + SEQUENCE_SHAPES for name in zoo.zoo_for(shape)]
+CASES += [(shape, name) for shape in TABULAR_SHAPES for name in zoo.tabular_zoo()]
 
 
 def test_zoo_names_and_order() -> None:
-    assert zoo.image_zoo() == ["cnn-xs", "cnn-s", "cnn-m", "cnn-l"]
-    assert zoo.tabular_zoo() == ["mlp-s", "mlp-m", "mlp-l"]
-    assert zoo.zoo_for((1, 8, 8)) == zoo.image_zoo()
+    plain = ["cnn-xs", "cnn-s", "cnn-m", "cnn-l"]
+    assert zoo.conv_zoo() == plain + ["res-s", "res-m", "res-l", "res-xl"]
+    assert zoo.tabular_zoo() == ["mlp-s", "mlp-m", "mlp-l", "mlp-xl"]
+    assert zoo.zoo_for((3, 32, 32)) == zoo.conv_zoo() == zoo.zoo_for((6, 128))
+    # residual stages need a map of 16 per side: digits keep the plain ladder
+    assert zoo.zoo_for((1, 8, 8)) == plain == zoo.zoo_for((3, 15, 40))
     assert zoo.zoo_for((13,)) == zoo.tabular_zoo()
+
+
+def test_the_stem_strides_large_inputs_down_to_about_32() -> None:
+    assert [zoo.stem_stride(s) for s in [(8, 8), (32, 32), (63, 63), (64, 64), (96, 96),
+                                         (96, 200), (128,), (1000,)]] == [1, 1, 1, 2, 3, 3, 1, 7]
+    # a 96x96 frame costs what a 32x32 one does: the smallest student fits a Pi Zero 2 W
+    assert (zoo.estimate_cost("cnn-xs", (3, 96, 96), 10).flops
+            == zoo.estimate_cost("cnn-xs", (3, 32, 32), 10).flops)
+    layers = zoo.architecture("cnn-xs", (3, 128, 128), 10)
+    assert layers[0] == arch.Conv(3, 12, kernel=4, stride=4, padding=1)
 
 
 @pytest.mark.parametrize(("shape", "name"), CASES)
@@ -43,17 +56,19 @@ def test_student_builds_and_costs_match(shape: tuple[int, ...], name: str) -> No
 
 
 
-@pytest.mark.parametrize("shape", IMAGE_SHAPES + TABULAR_SHAPES)
-def test_params_and_flops_strictly_increase_along_the_zoo(shape: tuple[int, ...]) -> None:
-    costs = [zoo.estimate_cost(name, shape, 10) for name in zoo.zoo_for(shape)]
-    params = [c.params for c in costs]
-    flops = [c.flops for c in costs]
+@pytest.mark.parametrize("shape", IMAGE_SHAPES + SEQUENCE_SHAPES + TABULAR_SHAPES)
+def test_params_strictly_increase_along_the_zoo(shape: tuple[int, ...]) -> None:
+    params = [zoo.estimate_cost(name, shape, 10).params for name in zoo.zoo_for(shape)]
     assert params == sorted(set(params)), params
-    assert flops == sorted(set(flops)), flops
+
+
+def test_the_conv_ladder_spans_the_catalog_at_32x32() -> None:
+    params = [zoo.estimate_cost(name, (3, 32, 32), 10).params for name in zoo.conv_zoo()]
+    assert params[0] <= 4_000 and params[-1] >= 1_000_000 and params[-1] >= 100 * params[0]
 
 
 def test_digits_sizes_are_in_the_intended_ranges() -> None:
-    params = {name: zoo.estimate_cost(name, (1, 8, 8), 10).params for name in zoo.image_zoo()}
+    params = {name: zoo.estimate_cost(name, (1, 8, 8), 10).params for name in zoo.zoo_for((1, 8, 8))}
     assert 2_000 <= params["cnn-xs"] <= 4_000
     assert 5_000 <= params["cnn-s"] <= 10_000
     assert 30_000 <= params["cnn-m"] <= 45_000
@@ -120,7 +135,7 @@ def _onnx_session(model: torch.nn.Module, shape: tuple[int, ...]) -> ort.Inferen
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [(name, (1, 8, 8)) for name in zoo.image_zoo()]
+    [(name, (1, 8, 8)) for name in zoo.zoo_for((1, 8, 8))]
     + [("cnn-xs", (1, 28, 28)), ("cnn-s", (3, 9, 13))],  # odd maps: overlapping avg-pool windows
 )
 def test_image_students_export_to_onnx_with_a_dynamic_batch(name: str, shape: tuple[int, ...]) -> None:
@@ -141,8 +156,8 @@ def test_unknown_student_names_the_valid_ones_for_the_input_kind() -> None:
         models.build_student("mlp-s", (1, 8, 8), 10)
     message = str(info.value)
     assert "'mlp-s'" in message and "image" in message
-    assert "cnn-xs, cnn-s, cnn-m, cnn-l" in message
-    with pytest.raises(zoo.UnknownStudentError, match="mlp-s, mlp-m, mlp-l"):
+    assert "cnn-xs, cnn-s, cnn-m, cnn-l" in message and "res-s" not in message  # 8x8: no res
+    with pytest.raises(zoo.UnknownStudentError, match="mlp-s, mlp-m, mlp-l, mlp-xl"):
         zoo.estimate_cost("resnet18", (13,), 3)
     assert issubclass(zoo.UnknownStudentError, ValueError)
 
@@ -150,7 +165,8 @@ def test_unknown_student_names_the_valid_ones_for_the_input_kind() -> None:
 @pytest.mark.parametrize(
     ("shape", "classes", "match"),
     [
-        ((8, 8), 10, r"\(8, 8\).*neither an image"),
+        ((1, 1, 8, 8, 2), 10, r"neither an image"),
+        ((2, 7), 10, "sequence input .* L must be at least 8"),
         ((1, 1, 8, 8), 10, "neither an image"),
         ((1, 7, 8), 10, "at least 8"),
         ((1, 8, 8), 1, "num_classes must be an integer ≥ 2, got 1"),
@@ -164,6 +180,11 @@ def test_bad_shapes_and_class_counts_are_rejected(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         models.build_student("cnn-xs" if len(shape) == 3 else "mlp-s", shape, classes)
+
+
+def test_a_residual_student_on_too_small_a_map_says_what_it_needs() -> None:
+    with pytest.raises(zoo.UnknownStudentError, match=r"'res-s' needs inputs of at least 16"):
+        zoo.estimate_cost("res-s", (1, 8, 8), 10)
 
 
 def test_bad_batch_size_is_rejected() -> None:

@@ -3,6 +3,7 @@ user can cause are printed as one line naming the bad input, never as a tracebac
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -41,11 +42,11 @@ def _options(ctx: typer.Context,
 
 
 DEVICE_COLUMNS = (
-    Col("profile", keep=True), Col("arch", drop=6), Col("RAM", justify="right", drop=3),
-    Col("peak GFLOPS", "GFLOPS", justify="right", drop=4), Col("student", keep=True),
-    Col("params", justify="right"), Col("MFLOPs", justify="right", drop=5),
-    Col("train mem", "train", justify="right", drop=1),
-    Col("latency", "ms", justify="right", drop=2))
+    Col("profile", keep=True), Col("arch", drop=7), Col("RAM", justify="right", drop=4),
+    Col("sustained GFLOPS", "GFLOPS", justify="right", drop=5), Col("student", keep=True),
+    Col("params", justify="right"), Col("MFLOPs", justify="right", drop=6),
+    Col("train mem", "train", justify="right", drop=2),
+    Col("latency", "ms", justify="right", drop=3), Col("binding", "bound", drop=1))
 
 
 def main() -> None:
@@ -67,16 +68,32 @@ def main() -> None:
 @app.command()
 def devices(data: Optional[str] = typer.Option(
         None, help="Dataset whose input shape sizes the students: digits (default), wine, or a "
-                   ".npz file.")) -> None:
-    """Show every device profile and the student it would train."""
+                   ".npz file."),
+            zoo: Optional[Path] = typer.Option(None, "--zoo", help="A Python file defining "
+                                               "students(input_shape, num_classes) -> {name: "
+                                               "torch module}; its students compete with the "
+                                               "built-in ones."),
+            batch_size: int = typer.Option(32, min=1, help="Training batch size the memory "
+                                           "budget is checked at."),
+            as_json: bool = typer.Option(False, "--json", help="Print a JSON list (one object "
+                                         "per profile) instead of the table.")) -> None:
+    """Show every device profile and the student it would train, and which budget bound it."""
     try:
         from fededge.learn.data import load_dataset
         from fededge.learn.picking import describe_catalog
 
         dataset = load_dataset(data)
-        choices = describe_catalog(tuple(dataset.input_shape), dataset.num_classes)
+        shape = tuple(dataset.input_shape)
+        if zoo is not None:
+            from fededge.learn.userzoo import load_user_zoo
+
+            load_user_zoo(zoo, shape, dataset.num_classes)
+        choices = describe_catalog(shape, dataset.num_classes, batch_size=batch_size)
     except FedEdgeError as exc:
         fail(exc)
+    if as_json:
+        print(json.dumps([c.as_dict() for c in choices], indent=2))
+        return
     rows = []
     for c in choices:
         p = c.profile
@@ -84,15 +101,17 @@ def devices(data: Optional[str] = typer.Option(
         if c.inference_only and c.student:
             student += " (inference only)"
         cost = c.cost
-        rows.append((p.name, p.arch, f"{p.ram_mb / 1024:.1f} GiB", f"{p.peak_gflops:,.0f}",
+        rows.append((p.name, p.arch, f"{p.ram_mb / 1024:.1f} GiB", f"{p.sustained:,.0f}",
                      student, f"{cost.params:,}" if cost else "—",
                      f"{cost.flops / 1e6:.2f}" if cost else "—",
                      human_bytes(cost.train_memory_bytes) if cost and p.can_train else "—",
-                     f"{c.latency_ms:.3f}" if c.latency_ms is not None else "—"))
+                     f"{c.latency_ms:.3f}" if c.latency_ms is not None else "—",
+                     c.binding or "—"))
     console.print(fit_table(console, DEVICE_COLUMNS, rows,
                             title=f"Device profiles → students for {dataset.name} "
                                   f"(input {'×'.join(map(str, dataset.input_shape))}, "
-                                  f"{dataset.num_classes} classes; latency in ms)"))
+                                  f"{dataset.num_classes} classes, batch {batch_size}; latency "
+                                  "in ms; bound: the budget the next larger student exceeds)"))
 
 
 @app.command()
@@ -133,6 +152,10 @@ def simulate(
     settings: Optional[list[str]] = typer.Option(None, "--set", help="Federation setting "
                                                  "KEY=VALUE, repeatable (e.g. --set "
                                                  "local_epochs=5)."),
+    zoo: Optional[Path] = typer.Option(None, "--zoo", help="A Python file defining "
+                                       "students(input_shape, num_classes) -> {name: torch "
+                                       "module}; its students compete with the built-in "
+                                       "ones."),
     dashboard: Optional[int] = typer.Option(None, "--dashboard", min=0, max=65535,
                                             metavar="PORT", help="Serve the live dashboard on "
                                             "127.0.0.1:PORT while the run lasts (0: any free "
@@ -151,7 +174,7 @@ def simulate(
                 baselines=baselines, student=student, max_message=max_message,
                 straggle=straggle, codec=codec, settings=_settings(settings or []),
                 profiles=[p for p in profiles.split(",") if p.strip()] if profiles else None,
-                dashboard=dashboard, progress=on_step)
+                dashboard=dashboard, progress=on_step, zoo=zoo)
     except FedEdgeError as exc:
         fail(exc)
     _print_simulation(result)

@@ -56,7 +56,8 @@ from fededge.files import write_file
 from fededge.kits.kit import CLIENT_FILE, SERVER_FILE, STATE_DIR, Kit, load_kit
 from fededge.learn.data import DataError, Standardizer
 from fededge.learn.models import build_student
-from fededge.learn.zoo import UnknownStudentError
+from fededge.learn.userzoo import UserZooError, load_user_zoo
+from fededge.learn.zoo import USER_ZOO_FILE, UnknownStudentError, is_builtin
 from fededge.profiles import DeviceProfile, ProfileError, get_profile
 
 OPSET = 17
@@ -345,6 +346,7 @@ def load_student(client_dir: str | Path) -> TrainedStudent:
                 "there is nothing to export"
             )
     meta = StudentMeta.from_file(meta_path)
+    _load_run_zoo(client_dir, meta)
     try:
         profile = get_profile(meta.profile)
         model = build_student(meta.student, meta.input_shape, meta.num_classes)
@@ -359,6 +361,21 @@ def load_student(client_dir: str | Path) -> TrainedStudent:
             f"{weights_path}: weights do not fit student {meta.student!r} ({last})"
         ) from None
     return TrainedStudent(model, meta, profile)
+
+
+def _load_run_zoo(client_dir: Path, meta: StudentMeta) -> None:
+    """A user student is rebuilt from the zoo file its run or kit keeps (``zoo.py`` in the run
+    directory above ``clients/<device>``, or in the kit above its ``state``)."""
+    if is_builtin(meta.student, meta.input_shape):
+        return
+    for candidate in (client_dir.parent.parent / USER_ZOO_FILE,
+                      client_dir.parent / USER_ZOO_FILE):
+        if candidate.is_file():
+            try:
+                load_user_zoo(candidate, meta.input_shape, meta.num_classes)
+            except UserZooError as exc:
+                raise ExportError(str(exc)) from None
+            return
 
 
 # ----------------------------------------------------------------------------- one student
@@ -423,7 +440,7 @@ def _export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Pat
     """Trace with the legacy TorchScript exporter and run the checker's full check.
 
     ``dynamo=False`` is deliberate: the dynamo exporter needs onnxscript and takes seconds per
-    student, the legacy one tens of milliseconds, and the zoo is plain Sequential layers. The
+    student, the legacy one tens of milliseconds, and the students are traceable layers. The
     trace uses a batch of 2 so no size-1 batch can be constant-folded into the graph.
     """
     example = torch.zeros((2, *input_shape))

@@ -65,7 +65,7 @@ def sha256_file(path: str | Path) -> str:
 
 def standardize(X: np.ndarray, preprocessing: dict) -> np.ndarray:
     """Apply the manifest's standardization, ``(X - mean) / std`` over the channel axis of
-    (N, C, H, W) images or the feature axis of (N, F) tabular inputs; returns float32.
+    (N, C, H, W) images and (N, C, L) sequences or the feature axis of (N, F) tabular inputs; returns float32.
 
     It mirrors ``fededge.learn.data.Standardizer.apply`` (which this file may not import); the export
     step proves both agree by checking its parity through this function.
@@ -73,14 +73,14 @@ def standardize(X: np.ndarray, preprocessing: dict) -> np.ndarray:
     kind = preprocessing.get("kind")
     mean = np.asarray(preprocessing.get("mean"), dtype=np.float32)
     std = np.asarray(preprocessing.get("std"), dtype=np.float32)
-    rank = {"channel": 4, "feature": 2}.get(kind)
-    if (rank is None or X.ndim != rank or mean.ndim != 1 or mean.shape != std.shape
+    ranks = {"channel": (3, 4), "feature": (2,)}.get(kind)
+    if (ranks is None or X.ndim not in ranks or mean.ndim != 1 or mean.shape != std.shape
             or len(mean) != X.shape[1]):
         raise InferenceError(
             f"{MANIFEST}: preprocessing (kind {kind!r}, {mean.size} means, {std.size} stds) does "
             f"not fit inputs of shape {X.shape}; re-export the model"
         )
-    shape = (1, -1, 1, 1) if kind == "channel" else (1, -1)
+    shape = (1, -1) + (1,) * (X.ndim - 2)
     return ((X - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32, copy=False)
 
 

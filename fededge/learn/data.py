@@ -208,16 +208,10 @@ def _check_features(path: Path, key: str, X: np.ndarray) -> np.ndarray:
             f"{path}: {key} has dtype {X.dtype}; features must be numeric, "
             f"save {key}.astype(numpy.float32)"
         )
-    if X.ndim == 3:
-        n, h, w = X.shape
+    if X.ndim not in (2, 3, 4):
         raise DataError(
-            f"{path}: {key} has shape {X.shape}, images need a channel axis; "
-            f"save {key}.reshape({n}, 1, {h}, {w})"
-        )
-    if X.ndim not in (2, 4):
-        raise DataError(
-            f"{path}: {key} has shape {X.shape}; it must be 2-D (samples, features) "
-            "or 4-D (samples, channels, height, width)"
+            f"{path}: {key} has shape {X.shape}; it must be 2-D (samples, features), 3-D "
+            "(samples, channels, length) or 4-D (samples, channels, height, width)"
         )
     if len(X) == 0:
         raise DataError(f"{path}: {key} has no samples")
@@ -304,7 +298,7 @@ class Standardizer:
 
     mean: np.ndarray
     std: np.ndarray
-    kind: str  # "channel" for (N,C,H,W) inputs, "feature" for (N,F) inputs
+    kind: str  # "channel" for (N,C,H,W) and (N,C,L) inputs, "feature" for (N,F) inputs
 
     @classmethod
     def fit(cls, X: np.ndarray, kind: str | None = None) -> Standardizer:
@@ -312,7 +306,7 @@ class Standardizer:
         implied = _kind_for(X)
         if kind is not None and kind != implied:
             raise DataError(f"Standardizer kind {kind!r} does not fit X of shape {X.shape}")
-        axes = (0, 2, 3) if implied == "channel" else (0,)
+        axes = (0, *range(2, X.ndim))
         mean = X.mean(axis=axes, dtype=np.float64)
         std = np.maximum(X.std(axis=axes, dtype=np.float64), STD_FLOOR)
         return cls(mean.astype(np.float32), std.astype(np.float32), implied)
@@ -324,7 +318,7 @@ class Standardizer:
                 f"Standardizer fitted per {self.kind} on {len(self.mean)} "
                 f"{self.kind}s cannot apply to X of shape {X.shape}"
             )
-        shape = (1, -1, 1, 1) if self.kind == "channel" else (1, -1)
+        shape = (1, -1) + (1,) * (X.ndim - 2)
         out = (X - self.mean.reshape(shape)) / self.std.reshape(shape)
         return out.astype(np.float32, copy=False)
 
@@ -354,11 +348,12 @@ class Standardizer:
 
 
 def _kind_for(X: np.ndarray) -> str:
-    if X.ndim == 4:
+    if X.ndim in (3, 4):
         return "channel"
     if X.ndim == 2:
         return "feature"
-    raise DataError(f"expected (N,C,H,W) images or (N,F) features, got shape {X.shape}")
+    raise DataError(f"expected (N,C,H,W) images, (N,C,L) sequences or (N,F) features, got "
+                    f"shape {X.shape}")
 
 
 def proxy_fingerprint(X: np.ndarray) -> str:

@@ -73,6 +73,7 @@ def recipe_parser() -> argparse.ArgumentParser:
     ap.add_argument("--aggregator", default="era")
     ap.add_argument("--profiles", default=None, help="comma-separated, assigned round-robin")
     ap.add_argument("--straggle", type=float, default=0.0)
+    ap.add_argument("--zoo", type=Path, default=None, help="a user zoo file")
     ap.add_argument("--join-timeout", type=float, default=120.0)
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="a federation setting, e.g. deadline_s=10")
@@ -90,7 +91,7 @@ def _options(args: argparse.Namespace) -> SimulationOptions:
                              partition=args.partition, alpha=args.alpha, seed=args.seed,
                              aggregator=args.aggregator, overrides=overrides,
                              profiles=args.profiles.split(",") if args.profiles else None,
-                             straggle=args.straggle)
+                             straggle=args.straggle, zoo=args.zoo)
 
 
 def connect_with_retry(make: Callable[[], MqttTransport], timeout: float = 120.0) -> MqttTransport:

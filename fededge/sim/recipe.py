@@ -17,6 +17,7 @@ from fededge.federation.client import DeviceIdentity, FederationClient, LocalDat
 from fededge.federation.strategies import strategy_pair
 from fededge.learn.data import Dataset, FederatedSplit, load_dataset, split_federated
 from fededge.learn.picking import pick_student
+from fededge.learn.userzoo import load_user_zoo
 from fededge.learn.zoo import estimate_cost, zoo_for
 from fededge.profiles import DeviceProfile, get_profile, load_catalog
 from fededge.transport.base import Transport
@@ -53,6 +54,9 @@ class SimulationOptions:
     # > 0: payloads above this many bytes travel in chunks (chunking.py), for brokers that
     # cap the message size.
     max_message: int = 0
+    # A user zoo file (learn.userzoo): its students compete with the built-in ones; the run
+    # keeps a copy as OUT/zoo.py for export.
+    zoo: Path | None = None
 
 
 @dataclass
@@ -81,7 +85,7 @@ def homogeneous_student(opts: SimulationOptions, split: FederatedSplit) -> str:
     weights the largest student every device can train; '' when each device picks its own."""
     if opts.student or not strategy_pair(opts.strategy)[0].homogeneous:
         return opts.student or ""
-    picks = [pick_student(p, split.input_shape, split.num_classes).student
+    picks = [pick_student(p, split.input_shape, split.num_classes, _batch_size(opts)).student
              for p in _device_profiles(opts)]
     return min(picks, key=zoo_for(split.input_shape).index)
 
@@ -91,7 +95,7 @@ def plan_participants(opts: SimulationOptions, split: FederatedSplit) -> list[Pa
     forced = homogeneous_student(opts, split)
     people = []
     for i, profile in enumerate(_device_profiles(opts)):
-        choice = pick_student(profile, split.input_shape, split.num_classes)
+        choice = pick_student(profile, split.input_shape, split.num_classes, _batch_size(opts))
         if choice.inference_only:
             raise SimulationError(
                 f"profile {profile.name!r} cannot train (can_train = false); it can only run "
@@ -103,11 +107,19 @@ def plan_participants(opts: SimulationOptions, split: FederatedSplit) -> list[Pa
     return people
 
 
+def _batch_size(opts: SimulationOptions) -> int:
+    """The batch size the devices train with: training memory is budgeted at it."""
+    return int(opts.overrides.get("batch_size", FederationConfig().batch_size))
+
+
 def split_for(opts: SimulationOptions) -> tuple[Dataset, FederatedSplit]:
     """The dataset and its seeded federated split."""
     dataset = load_dataset(opts.data)
-    return dataset, split_federated(dataset, opts.clients, partition=opts.partition,
-                                    alpha=opts.alpha, seed=opts.seed)
+    split = split_federated(dataset, opts.clients, partition=opts.partition, alpha=opts.alpha,
+                            seed=opts.seed)
+    if opts.zoo is not None:
+        load_user_zoo(opts.zoo, tuple(split.input_shape), split.num_classes)
+    return dataset, split
 
 
 def federation_config(opts: SimulationOptions, split: FederatedSplit) -> FederationConfig:
@@ -122,8 +134,9 @@ def federation_config(opts: SimulationOptions, split: FederatedSplit) -> Federat
 def resume_context(opts: SimulationOptions) -> dict[str, Any]:
     """Options outside the config that decide the split and the devices: a resumed run must
     agree on them."""
-    return {"data": opts.data, "clients": opts.clients, "partition": opts.partition,
-            "alpha": opts.alpha, "profiles": opts.profiles}
+    context = {"data": opts.data, "clients": opts.clients, "partition": opts.partition,
+               "alpha": opts.alpha, "profiles": opts.profiles}
+    return context | ({"zoo": str(opts.zoo)} if opts.zoo is not None else {})
 
 
 def slowdown(people: list[Participant], index: int, straggle: float) -> float:

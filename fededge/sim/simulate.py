@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from contextlib import ExitStack
@@ -43,6 +44,7 @@ from fededge.federation.strategies.base import ServerStrategy
 from fededge.files import atomic_write
 from fededge.learn.data import FederatedSplit
 from fededge.learn.privacy import privacy_report
+from fededge.learn.zoo import USER_ZOO_FILE
 from fededge.sim.baselines import BackgroundBaselines, References
 from fededge.sim.progress import OnStep, Phases
 from fededge.sim.recipe import (
@@ -99,6 +101,7 @@ class Plan:
     config: FederationConfig
     people: list[Participant]
     server_strategy: ServerStrategy
+    zoo: Path | None = None
 
 
 @dataclass
@@ -166,7 +169,8 @@ def prepare(opts: SimulationOptions) -> Plan:
     dataset, split = split_for(opts)
     config = federation_config(opts, split)
     server_strategy = wiring.server_strategy(config, split.public_X)  # validates before any work
-    return Plan(dataset.name, split, config, plan_participants(opts, split), server_strategy)
+    return Plan(dataset.name, split, config, plan_participants(opts, split), server_strategy,
+                opts.zoo)
 
 
 def _start_broker(kind: str) -> EmbeddedBroker | MosquittoBroker:
@@ -369,6 +373,8 @@ def _write_outputs(out: Path, plan: Plan, rows: list[RoundRow], summary: dict[st
     np.savez_compressed(out / "eval_data.npz", test_X=split.raw_test_X, test_y=split.test_y,
                         public_X=split.raw_public_X)
     np.savez_compressed(out / "test.npz", X=split.raw_test_X, y=split.test_y)  # for `infer`
+    if plan.zoo is not None:  # export rebuilds the user students from it
+        shutil.copyfile(plan.zoo, out / USER_ZOO_FILE)
     write_plot(rows, out / PLOT_FILE, title=f"fededge {config.strategy} on {plan.dataset}",
                local_only=summary["local_only_mean_accuracy"],
                centralized=summary["centralized_mean_accuracy"])
