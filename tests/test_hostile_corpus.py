@@ -86,7 +86,7 @@ NPZ_CASES: dict[str, object] = {
                            "y.npy": _npy(Y_OK)},
 }
 for name, X, y in [
-    ("X-3d", X_OK[:, 0], Y_OK), ("X-1d", X_OK.reshape(-1)[:60], Y_OK),
+    ("sequence-too-short", X_OK[:, 0, :, :4], Y_OK), ("X-1d", X_OK.reshape(-1)[:60], Y_OK),
     ("X-5d", X_OK[:, None], Y_OK), ("X-empty", X_OK[:0], Y_OK[:0]),
     ("X-strings", np.array([["a"]] * 60), Y_OK), ("X-complex", X_OK.astype(np.complex64), Y_OK),
     ("X-nan", np.where(X_OK > 0.99, np.nan, X_OK), Y_OK),
