@@ -109,6 +109,13 @@ class FedMDClient(ClientStrategy):
         require_tensors(Message("consensus", "server", 0, {}, consensus.tensors),
                         self.codec.specs(len(rows)))
         teacher = self.codec.decode(consensus.tensors)
-        ctx.trainer.distill(rows, teacher, epochs=self.config.distill_epochs,
-                            temperature=self.config.temperature, alpha=1.0)
-        ctx.trainer.fit(ctx.private_X, ctx.private_y, epochs=self.config.revisit_epochs)
+        from fededge.learn.trainer import LabelAnchor  # torch: devices only, never the server
+
+        config = self.config
+        anchor = (LabelAnchor(ctx.private_X, ctx.private_y, config.distill_label_weight,
+                              config.distill_label_tau, config.num_classes)
+                  if config.distill_label_weight > 0 else None)
+        ctx.trainer.distill(rows, teacher, epochs=config.distill_epochs,
+                            temperature=config.temperature, alpha=1.0, anchor=anchor)
+        ctx.trainer.fit(ctx.private_X, ctx.private_y, epochs=config.revisit_epochs,
+                        keep_weight=config.revisit_ntd_weight, temperature=config.temperature)
