@@ -77,6 +77,11 @@ class FederationConfig:
     distill_label_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
     distill_label_tau: Annotated[float, Field(ge=0.0, le=10.0)] = 0.5
     revisit_ntd_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+    # The held-out safeguard (0: off): a device sets aside holdout_share of its private data,
+    # trains on the rest in the rounds, and keeps its previous student whenever absorbing a
+    # consensus lowers its held-out accuracy by more than holdout_margin.
+    holdout_share: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    holdout_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 2e-3
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
     logit_dtype: Literal["float16", "float32"] = "float16"

@@ -46,3 +46,75 @@ def test_simulate_warns_when_a_client_ends_below_local_only(monkeypatch, tmp_pat
     result = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "r")],
                                 env={"COLUMNS": "200"})
     assert "warning" not in result.output
+
+
+def _hard_run(tmp_path: Path, **overrides):
+    import numpy as np
+
+    from fededge.learn.synthetic import make_hard
+    from fededge.sim.simulate import SimulationOptions, run_simulation
+
+    X, y = make_hard("hard32", seed=0, count=HARD_IMAGES)
+    np.savez(tmp_path / "hard.npz", X=X, y=y)
+    opts = SimulationOptions(data=str(tmp_path / "hard.npz"), clients=4, rounds=4,
+                             profiles=["pi-zero-2w", "pi-3bplus"], out=tmp_path / "run",
+                             baselines=False, seed=0,
+                             overrides={"warmup_epochs": 15, **overrides})
+    return run_simulation(opts)
+
+
+HARD_IMAGES = 400
+
+
+def test_distillation_does_not_collapse_students_on_hard_data(tmp_path):
+    """The issue-13 collapse as a regression: on hard 32x32 RGB data, where warm-up students
+    are weak and disagree, the federation must not end below where the students started."""
+    rows = _hard_run(tmp_path).rows
+    warmup, final = rows[0].mean_accuracy, rows[-1].mean_accuracy
+    assert final >= warmup - 0.01, (
+        f"federation ended at {final:.3f}, below its warm-up {warmup:.3f}: distillation "
+        f"overwrote what the students knew (per round: "
+        f"{[round(r.mean_accuracy, 3) for r in rows]})")
+
+
+def _absorb_wrong_consensus(holdout_share: float):
+    """A trained cnn-xs device absorbs a consensus that confidently names the wrong class of
+    every proxy row; returns (held-out accuracy before, after, whether weights changed)."""
+    import numpy as np
+    import torch
+    from helpers import small_config, small_split
+
+    from fededge.federation.strategies.base import ClientContext
+    from fededge.federation.strategies.fedmd import FedMDClient, FedMDServer, holdout_split
+    from fededge.federation.wiring import learner_factory
+    from fededge.learn.models import build_student
+    from fededge.learn.trainer import Trainer
+    from fededge.wire.codecs import codec_for
+    from fededge.wire.messages import Payload
+
+    split = small_split(2)
+    config = small_config(split, holdout_share=holdout_share, distill_epochs=8,
+                          distill_label_weight=0.0, revisit_ntd_weight=0.0)
+    data = split.clients[0]
+    torch.manual_seed(0)
+    trainer = Trainer(build_student("cnn-xs", split.input_shape, split.num_classes))
+    trainer.fit(data.X, data.y, epochs=15)
+    ctx = ClientContext(trainer, data.X, data.y, split.public_X, learner_factory(config))
+    announcement = FedMDServer(config).configure(1)
+    wrong = (trainer.logits(split.public_X).argmax(axis=1) + 1) % split.num_classes
+    teacher = np.full((len(split.public_X), split.num_classes), -8.0, np.float32)
+    teacher[np.arange(len(wrong)), wrong] = 0.0
+    consensus = Payload(tensors=codec_for(config).encode(teacher))
+    _, held = holdout_split(len(data.y), holdout_share or 0.2, config.seed)
+    before, weights = trainer.accuracy(data.X[held], data.y[held]), trainer.weights()
+    FedMDClient(config).absorb(ctx, announcement, consensus)
+    after = trainer.accuracy(data.X[held], data.y[held])
+    return before, after, not np.array_equal(weights, trainer.weights())
+
+
+def test_a_consensus_that_lowers_held_out_accuracy_is_not_kept():
+    before, after, changed = _absorb_wrong_consensus(holdout_share=0.0)
+    assert after < before - 0.05, "the control consensus was meant to harm the student"
+    before, after, changed = _absorb_wrong_consensus(holdout_share=0.2)
+    assert not changed and after == before, (
+        f"the device kept a consensus that lowered held-out accuracy {before:.3f} -> {after:.3f}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from fededge.config import FederationConfig
@@ -18,6 +20,8 @@ from fededge.wire.codecs import codec_for
 from fededge.wire.envelope import Message, TensorSpec, require_tensors
 from fededge.wire.messages import Payload, decode_rows, encode_rows
 from fededge.wire.topics import ProtocolError
+
+log = logging.getLogger(__name__)
 
 
 def _round_rng(config: FederationConfig, rnd: int) -> np.random.Generator:
@@ -109,13 +113,38 @@ class FedMDClient(ClientStrategy):
         require_tensors(Message("consensus", "server", 0, {}, consensus.tensors),
                         self.codec.specs(len(rows)))
         teacher = self.codec.decode(consensus.tensors)
+        X, y = ctx.private_X, ctx.private_y
+        if self.config.holdout_share == 0 or len(y) < 2:
+            self._learn(ctx, rows, teacher, X, y)
+            return
+        train, held = holdout_split(len(y), self.config.holdout_share, self.config.seed)
+        before, kept = ctx.trainer.accuracy(X[held], y[held]), ctx.trainer.state_dict()
+        self._learn(ctx, rows, teacher, X[train], y[train])
+        after = ctx.trainer.accuracy(X[held], y[held])
+        if after < before - self.config.holdout_margin:
+            log.info("consensus lowered held-out accuracy %.3f -> %.3f: kept the previous "
+                     "student", before, after)
+            ctx.trainer.load_state_dict(kept)
+
+    def _learn(self, ctx: ClientContext, rows: np.ndarray, teacher: np.ndarray,
+               X: np.ndarray, y: np.ndarray) -> None:
+        """Distill the consensus (label-anchored), then revisit the labels (FedNTD)."""
         from fededge.learn.trainer import LabelAnchor  # torch: devices only, never the server
 
         config = self.config
-        anchor = (LabelAnchor(ctx.private_X, ctx.private_y, config.distill_label_weight,
-                              config.distill_label_tau, config.num_classes)
+        anchor = (LabelAnchor(X, y, config.distill_label_weight, config.distill_label_tau,
+                              config.num_classes)
                   if config.distill_label_weight > 0 else None)
         ctx.trainer.distill(rows, teacher, epochs=config.distill_epochs,
                             temperature=config.temperature, alpha=1.0, anchor=anchor)
-        ctx.trainer.fit(ctx.private_X, ctx.private_y, epochs=config.revisit_epochs,
+        ctx.trainer.fit(X, y, epochs=config.revisit_epochs,
                         keep_weight=config.revisit_ntd_weight, temperature=config.temperature)
+
+
+def holdout_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of a device's private data: a fixed seeded ``share`` (at
+    least one sample, never all) that judges each absorbed consensus and is never trained on
+    in the rounds."""
+    held = min(n - 1, max(1, round(share * n)))
+    order = np.random.default_rng([seed, n, 0x40D]).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
