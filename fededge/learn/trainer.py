@@ -13,30 +13,16 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from fededge.learn.anchor import LabelAnchor
 from fededge.learn.kd import kd_loss, label_prior, logit_adjusted_ce, not_true_distillation
 from fededge.learn.weights import flat_weights, initial_model, load_flat_weights
 
 INFERENCE_CHUNK = 1024  # samples per forward pass in logits(): bounds peak memory
-
-
-@dataclass(frozen=True)
-class LabelAnchor:
-    """Private labelled data kept in the loss while distilling proxy rows: every distillation
-    batch is paired with a random private batch whose logit-adjusted cross-entropy (``kd.
-    logit_adjusted_ce`` at ``tau``, with the client's own label prior), times ``weight``, is
-    added. Without it a weak consensus overwrites what the student knew (issue 13)."""
-
-    X: np.ndarray
-    y: np.ndarray
-    weight: float
-    tau: float
-    num_classes: int
 
 
 class Trainer:

@@ -15,6 +15,7 @@ from fededge.federation.strategies.base import (
     ServerStrategy,
 )
 from fededge.learn.aggregate import SHARPENED_AGGREGATORS, get_aggregator
+from fededge.learn.anchor import LabelAnchor
 from fededge.learn.privacy import LocalPrivacy
 from fededge.wire.codecs import codec_for
 from fededge.wire.envelope import Message, TensorSpec, require_tensors
@@ -129,8 +130,6 @@ class FedMDClient(ClientStrategy):
     def _learn(self, ctx: ClientContext, rows: np.ndarray, teacher: np.ndarray,
                X: np.ndarray, y: np.ndarray) -> None:
         """Distill the consensus (label-anchored), then revisit the labels (FedNTD)."""
-        from fededge.learn.trainer import LabelAnchor  # torch: devices only, never the server
-
         config = self.config
         anchor = (LabelAnchor(X, y, config.distill_label_weight, config.distill_label_tau,
                               config.num_classes)
