@@ -107,6 +107,21 @@ class FedMDClient(ClientStrategy):
                 ctx.private_y, minlength=self.config.num_classes).astype(np.int64)
         return Payload(info=info, tensors=tensors)
 
+    def warmup(self, ctx: ClientContext) -> None:
+        """With the safeguard on, the held-out slice is never trained on, from the warm-up on:
+        a memorised slice would judge every consensus by how well the student recalls it."""
+        train, _ = self._split(ctx)
+        ctx.trainer.fit(ctx.private_X[train], ctx.private_y[train],
+                        epochs=self.config.warmup_epochs)
+
+    def _split(self, ctx: ClientContext) -> tuple[np.ndarray, np.ndarray | None]:
+        """(train, held-out) indices of the private data; held-out None when the safeguard is
+        off or there is too little data to hold any out."""
+        n = len(ctx.private_y)
+        if self.config.holdout_share == 0 or n < 2:
+            return np.arange(n), None
+        return holdout_split(n, self.config.holdout_share, self.config.seed)
+
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
         rows = ctx.public_X[announced_rows(announcement, len(ctx.public_X))]
         # A consensus is checked as strictly as an upload: a hostile broker or server gets it
@@ -115,10 +130,10 @@ class FedMDClient(ClientStrategy):
                         self.codec.specs(len(rows)))
         teacher = self.codec.decode(consensus.tensors)
         X, y = ctx.private_X, ctx.private_y
-        if self.config.holdout_share == 0 or len(y) < 2:
+        train, held = self._split(ctx)
+        if held is None:
             self._learn(ctx, rows, teacher, X, y)
             return
-        train, held = holdout_split(len(y), self.config.holdout_share, self.config.seed)
         before, kept = ctx.trainer.accuracy(X[held], y[held]), ctx.trainer.state_dict()
         self._learn(ctx, rows, teacher, X[train], y[train])
         after = ctx.trainer.accuracy(X[held], y[held])
