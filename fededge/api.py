@@ -45,7 +45,7 @@ def simulate(data: DataSpec = None, *, clients: int = 10, rounds: int = 20,
              partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
              aggregator: str = "era", strategy: str = "fedmd",
              profiles: list[str] | None = None, student: str | None = None,
-             codec: str = "float16", max_message: int = 0, straggle: float = 0.0,
+             codec: str | None = None, max_message: int = 0, straggle: float = 0.0,
              settings: Mapping[str, Any] | None = None, baselines: bool = True,
              broker: str = "embedded", out: str | os.PathLike[str] = "runs/latest",
              dashboard: int | None = None, dashboard_host: str = "127.0.0.1",
@@ -89,14 +89,15 @@ def simulate(data: DataSpec = None, *, clients: int = 10, rounds: int = 20,
 
 
 def simulation_options(data: DataSpec = None, *, out: str | os.PathLike[str] = "runs/latest",
-                       codec: str = "float16", settings: Mapping[str, Any] | None = None,
+                       codec: str | None = None, settings: Mapping[str, Any] | None = None,
                        **options: Any) -> SimulationOptions:
     """The ``SimulationOptions`` of ``simulate``'s arguments (arrays saved to OUT/data.npz)."""
     from fededge.sim.recipe import SimulationOptions
 
     out = Path(out)
     return SimulationOptions(data=_data_source(data, out), out=out,
-                             overrides={"logit_codec": codec, **dict(settings or {})}, **options)
+                             overrides={**({"logit_codec": codec} if codec else {}),
+                                        **dict(settings or {})}, **options)
 
 
 def _data_source(data: DataSpec, out: Path) -> str | None:

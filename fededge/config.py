@@ -69,6 +69,19 @@ class FederationConfig:
     warmup_epochs: Epochs = 30
     distill_epochs: Epochs = 2
     revisit_epochs: Epochs = 2
+    # fedmd's defences against a weak consensus overwriting a student (issue 13). While it
+    # distills, each proxy batch is paired with a private batch whose logit-adjusted
+    # cross-entropy (FedLC-style, tau distill_label_tau, with the client's label prior) weighs
+    # distill_label_weight; in the revisit, FedNTD's not-true-class distillation (weight
+    # revisit_ntd_weight) holds the student to its post-distillation logits. 0 turns each off.
+    distill_label_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+    distill_label_tau: Annotated[float, Field(ge=0.0, le=10.0)] = 0.5
+    revisit_ntd_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+    # The held-out safeguard (0: off): a device sets aside holdout_share of its private data,
+    # trains on the rest in the rounds, and keeps its previous student whenever absorbing a
+    # consensus lowers its held-out accuracy by more than holdout_margin.
+    holdout_share: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    holdout_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 2e-3
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
     logit_dtype: Literal["float16", "float32"] = "float16"
@@ -100,10 +113,11 @@ class FederationConfig:
     # every device's Will although they are back seconds later. A crashed device delays a
     # round's close by at most this much.
     presence_grace_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 5.0
-    # How logits travel, uploads and consensus alike (compress.py): float16 (in logit_dtype),
-    # int8 (1 byte per value, per-row scale) or topk (the logit_topk most likely classes' log-
-    # probabilities per row; the others share the remaining mass).
-    logit_codec: Literal["float16", "int8", "topk"] = "float16"
+    # How logits travel, uploads and consensus alike (codecs.py): int8 (default: 1 byte per
+    # value, per-row scale; within 0.1 point of float16 on the suite), float16 (in
+    # logit_dtype) or topk (the logit_topk most likely classes' log-probabilities per row;
+    # the others share the remaining mass).
+    logit_codec: Literal["float16", "int8", "topk"] = "int8"
     logit_topk: Annotated[int, Field(ge=1, le=65536)] = 3
     # Weight-averaging strategies (strategy.py). fedavg: every device trains `student`.
     # fedavg-kd: the devices whose student is at least as large as `teacher` ('' = the largest

@@ -38,6 +38,11 @@ def _check(result):
                 "bytes_per_client_round"):
         assert key in on_disk
     assert on_disk["privacy"] is None, "local DP is off, yet a privacy budget was reported"
+    # the default codec is int8 (issue 13), and the default run above still learns with it
+    assert on_disk["config"]["logit_codec"] == "int8"
+    below = on_disk["clients_below_local_only"]
+    assert [r["id"] for r in below["clients"]] == [c["id"] for c in s["clients"]]
+    assert below["count"] == sum(c["accuracy"] < c["local_only_accuracy"] for c in s["clients"])
     assert (out / "rounds.png").stat().st_size > 10_000
     for c in s["clients"]:
         assert (out / "clients" / c["id"] / "student.safetensors").exists()

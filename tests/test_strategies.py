@@ -133,7 +133,9 @@ def _logit_reply(device: str, logits: np.ndarray) -> Reply:
 
 
 def test_feddf_server_model_learns_the_consensus_and_keeps_learning(split):
-    config = small_config(split, strategy="feddf", server_epochs=15, teacher="cnn-m")
+    # float16: the replies below carry raw logits, and the test reads the consensus as logits
+    config = small_config(split, strategy="feddf", server_epochs=15, teacher="cnn-m",
+                          logit_codec="float16")
     rows = np.arange(len(split.public_X))
     # a teacher the server model can learn: a fixed linear function of the proxy features
     W = np.random.default_rng(0).normal(size=(split.public_X[0].size, split.num_classes))

@@ -142,8 +142,8 @@ def simulate(
     student: Optional[str] = typer.Option(None, help="Every device trains this student (default: "
                                                      "each profile picks; fedavg: the largest "
                                                      "all can train)."),
-    codec: str = typer.Option("float16", help="Logit encoding on the wire: float16, int8 or "
-                                              "topk."),
+    codec: Optional[str] = typer.Option(None, help="Logit encoding on the wire: int8 "
+                                                   "(default), float16 or topk."),
     max_message: int = typer.Option(0, help="Send payloads above this many bytes in chunks "
                                             "(0: never), for brokers that cap message size."),
     straggle: float = typer.Option(0.0, min=0.0, help="Make slow profiles real stragglers: each "
@@ -226,6 +226,14 @@ def _print_simulation(result) -> None:
         f"{100 * (s['overhead_share'] or 0):.1f}% of it outside training and evaluation"
         f"\nwrote {result.out}/summary.json, metrics.jsonl, rounds.png and clients/*/ checkpoints",
         highlight=False)
+    below = s.get("clients_below_local_only")
+    if below and below["count"]:
+        worst = min(below["clients"], key=lambda c: c["delta"])
+        console.print(
+            f"[bold yellow]warning:[/] {below['count']} of {len(below['clients'])} clients ended "
+            f"below their local-only accuracy (worst: {worst['id']} {pct(worst['accuracy'])} vs "
+            f"{pct(worst['local_only_accuracy'])} alone); see clients_below_local_only in "
+            f"{result.out}/summary.json", highlight=False)
 
 
 app.command("export")(export_cmd)

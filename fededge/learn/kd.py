@@ -101,3 +101,37 @@ def _cross_entropy_sum(weights: np.ndarray, p: np.ndarray) -> float:
 def kd_objective(h_hard: float, h_soft: float, alpha: float, temperature: float) -> float:
     """J = (1 − α)·h_hard + α·T²·h_soft (sum or mean, as the terms are)."""
     return (1.0 - alpha) * h_hard + alpha * temperature**2 * h_soft
+
+
+def label_prior(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """A client's label distribution, for logit adjustment. Classes absent locally get the
+    rarest present class's share (then all are renormalised): log 0 would make the adjusted
+    loss ignore them entirely, and "as rare as the rarest class seen" is the mildest claim."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    floor = counts[counts > 0].min() if (counts > 0).any() else 1.0
+    counts = np.where(counts > 0, counts, floor)
+    return counts / counts.sum()
+
+
+def logit_adjusted_ce(student_logits: torch.Tensor, labels: torch.Tensor,
+                      log_prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-entropy on logits + τ·ln prior (logit adjustment, as FedLC calibrates local
+    label bias): the frequent local classes get a head start in the loss, so the student need
+    not learn the client's skew into its own logits, which keeps them agreeable with the
+    consensus while the labels still anchor it."""
+    return F.cross_entropy(student_logits + tau * log_prior, labels)
+
+
+def not_true_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                          labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """FedNTD's not-true-class distillation: T²·KL(p_t ‖ p_s) over the classes other than each
+    sample's label (both softened at T). Training on labels then moves the true class freely
+    while what the student knew about the other classes (here: after absorbing a consensus)
+    is kept."""
+    keep = torch.ones_like(student_logits, dtype=torch.bool)
+    keep[torch.arange(len(labels)), labels] = False
+    rows, others = len(labels), student_logits.shape[1] - 1
+    log_ps = F.log_softmax(student_logits[keep].view(rows, others) / temperature, dim=1)
+    log_pt = F.log_softmax(teacher_logits.detach()[keep].view(rows, others) / temperature, dim=1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean()
+    return temperature**2 * kl

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fededge.learn.kd import kd_loss
+from fededge.learn.anchor import LabelAnchor
+from fededge.learn.kd import kd_loss, label_prior, logit_adjusted_ce, not_true_distillation
 from fededge.learn.weights import flat_weights, initial_model, load_flat_weights
 
 INFERENCE_CHUNK = 1024  # samples per forward pass in logits(): bounds peak memory
@@ -53,15 +54,29 @@ class Trainer:
         self._generator = torch.Generator().manual_seed(seed)
         self.compute_seconds = 0.0
 
-    def fit(self, X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, epochs: int) -> float:
-        """Cross-entropy training on labelled data; returns the last epoch's mean loss."""
+    def fit(self, X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, epochs: int,
+            *, keep_weight: float = 0.0, temperature: float = 1.0) -> float:
+        """Cross-entropy training on labelled data; returns the last epoch's mean loss.
+
+        ``keep_weight > 0`` adds FedNTD's not-true-class distillation (``kd.
+        not_true_distillation`` at ``temperature``) towards the student's own logits on ``X``
+        as they are before this call, so revisiting labels fixes the true class without
+        erasing what the student just learned about the others."""
         X_t = _features(X)
         y_t = _labels(y, len(X_t), "y")
+        if keep_weight <= 0:
+            def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+                return kd_loss(self.model(xb), yb, None, alpha=0.0, temperature=1.0)
 
-        def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            return kd_loss(self.model(xb), yb, None, alpha=0.0, temperature=1.0)
+            return self._train((X_t, y_t), epochs, loss_fn)
+        kept = torch.from_numpy(self.logits(X_t))
 
-        return self._train((X_t, y_t), epochs, loss_fn)
+        def keeping_loss(xb: torch.Tensor, yb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+            out = self.model(xb)
+            return (kd_loss(out, yb, None, alpha=0.0, temperature=1.0)
+                    + keep_weight * not_true_distillation(out, kb, yb, temperature))
+
+        return self._train((X_t, y_t, kept), epochs, keeping_loss)
 
     def distill(
         self,
@@ -71,10 +86,11 @@ class Trainer:
         temperature: float,
         alpha: float = 1.0,
         y: np.ndarray | torch.Tensor | None = None,
+        anchor: LabelAnchor | None = None,
     ) -> float:
         """Distill `teacher_logits` (logits or log-probabilities, one row per sample of `X`)
-        with `distill.kd_loss`; `alpha < 1` mixes in the labels `y`. Returns the last epoch's
-        mean loss."""
+        with `distill.kd_loss`; `alpha < 1` mixes in the labels `y`, and an ``anchor`` adds a
+        label term on private data (``LabelAnchor``). Returns the last epoch's mean loss."""
         X_t = _features(X)
         T_t = _features(teacher_logits)
         if T_t.ndim != 2 or len(T_t) != len(X_t):
@@ -89,7 +105,23 @@ class Trainer:
         ) -> torch.Tensor:
             return kd_loss(self.model(xb), yb, tb, alpha=alpha, temperature=temperature)
 
-        return self._train(tensors, epochs, loss_fn)
+        return self._train(tensors, epochs, loss_fn if anchor is None
+                           else self._anchored(loss_fn, anchor))
+
+    def _anchored(self, loss_fn: Callable[..., torch.Tensor],
+                  anchor: LabelAnchor) -> Callable[..., torch.Tensor]:
+        """``loss_fn`` plus the anchor's label term on a random private batch of the same size
+        (drawn from the trainer's RNG, so a restored trainer draws the same batches)."""
+        X_p, y_p = _features(anchor.X), _labels(anchor.y, len(anchor.X), "anchor y")
+        log_prior = torch.from_numpy(
+            np.log(label_prior(anchor.y, anchor.num_classes)).astype(np.float32))
+
+        def anchored(xb: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+            pick = torch.randint(len(X_p), (len(xb),), generator=self._generator)
+            labelled = logit_adjusted_ce(self.model(X_p[pick]), y_p[pick], log_prior, anchor.tau)
+            return loss_fn(xb, *rest) + anchor.weight * labelled
+
+        return anchored
 
     def logits(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
         """Eval-mode logits as float32 numpy (N, K)."""

@@ -345,6 +345,7 @@ def _summary(opts: SimulationOptions, plan: Plan, fed: _Federated, rows: list[Ro
         "rounds": config.rounds, "mean_accuracy": mean(accs),
         "local_only_mean_accuracy": mean(local_acc),
         "centralized_mean_accuracy": mean(central_acc),
+        "clients_below_local_only": below_local_only(clients) if refs else None,
         "clients": clients, "bytes_up": bytes_up, "bytes_down": bytes_down,
         "bytes_per_client_round": (bytes_up + bytes_down) / max(1, len(people) * config.rounds),
         "uploads_accepted": server.accepted_uploads,
@@ -356,6 +357,19 @@ def _summary(opts: SimulationOptions, plan: Plan, fed: _Federated, rows: list[Ro
         "resumed_from_round": server.resumed_from_round,
         "privacy": privacy_report(config),
     }
+
+
+def below_local_only(clients: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who the federation left worse than training alone: each device's final accuracy
+    against the local-only accuracy of the same student on the same private data, and how
+    many ended below it. A federation is only worth joining while ``count`` is 0, so every
+    run reports it (and ``fededge simulate`` warns)."""
+    rows = [{"id": c["id"], "accuracy": c["accuracy"],
+             "local_only_accuracy": c["local_only_accuracy"],
+             "delta": c["accuracy"] - c["local_only_accuracy"],
+             "below": c["accuracy"] < c["local_only_accuracy"]}
+            for c in clients if c["accuracy"] is not None]
+    return {"count": sum(r["below"] for r in rows), "clients": rows}
 
 
 def _write_baselines(out: Path, refs: References) -> None:

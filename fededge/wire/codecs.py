@@ -4,8 +4,8 @@ In logit distillation the logits *are* the traffic, so their encoding sets the b
 A codec turns an (M, K) logit array into named tensors and back, and describes those tensors
 as ``TensorSpec`` so the server validates a compressed upload as exactly as a plain one.
 
-- ``float16`` (default): the logits as they are, in ``logit_dtype``. 2 bytes per value.
-- ``int8``: 1 byte per value. Each row is shifted so its maximum is 0 (softmax, every
+- ``float16``: the logits as they are, in ``logit_dtype``. 2 bytes per value.
+- ``int8`` (default): 1 byte per value. Each row is shifted so its maximum is 0 (softmax, every
   probability-space aggregator and the KD loss are shift-invariant) and quantized with a
   per-row scale. The scale needs no extra bytes: it rides in the row maximum's own byte, the
   only positive byte of the row (every other entry is ≤ 0), which also marks the argmax.

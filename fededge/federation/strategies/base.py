@@ -12,11 +12,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from fededge.config import ConfigError, FederationConfig
+from fededge.learn.anchor import LabelAnchor
 from fededge.learn.zoo import estimate_cost, zoo_for
 from fededge.wire.envelope import TensorSpec
 from fededge.wire.messages import Payload
@@ -30,11 +31,12 @@ class Learner(Protocol):
     @property
     def params(self) -> int: ...
 
-    def fit(self, X: np.ndarray, y: np.ndarray, epochs: int) -> float: ...
+    def fit(self, X: np.ndarray, y: np.ndarray, epochs: int, *, keep_weight: float = 0.0,
+            temperature: float = 1.0) -> float: ...
 
     def distill(self, X: np.ndarray, teacher_logits: np.ndarray, epochs: int,
-                temperature: float, alpha: float = 1.0,
-                y: np.ndarray | None = None) -> float: ...
+                temperature: float, alpha: float = 1.0, y: np.ndarray | None = None,
+                anchor: LabelAnchor | None = None) -> float: ...
 
     def logits(self, X: np.ndarray) -> np.ndarray: ...
 
@@ -43,6 +45,10 @@ class Learner(Protocol):
     def weights(self) -> np.ndarray: ...
 
     def load_weights(self, flat: np.ndarray) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 NewLearner = Callable[[str, int], Learner]

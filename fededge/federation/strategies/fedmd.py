@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from fededge.config import FederationConfig
@@ -13,11 +15,14 @@ from fededge.federation.strategies.base import (
     ServerStrategy,
 )
 from fededge.learn.aggregate import SHARPENED_AGGREGATORS, get_aggregator
+from fededge.learn.anchor import LabelAnchor
 from fededge.learn.privacy import LocalPrivacy
 from fededge.wire.codecs import codec_for
 from fededge.wire.envelope import Message, TensorSpec, require_tensors
 from fededge.wire.messages import Payload, decode_rows, encode_rows
 from fededge.wire.topics import ProtocolError
+
+log = logging.getLogger(__name__)
 
 
 def _round_rng(config: FederationConfig, rnd: int) -> np.random.Generator:
@@ -102,6 +107,21 @@ class FedMDClient(ClientStrategy):
                 ctx.private_y, minlength=self.config.num_classes).astype(np.int64)
         return Payload(info=info, tensors=tensors)
 
+    def warmup(self, ctx: ClientContext) -> None:
+        """With the safeguard on, the held-out slice is never trained on, from the warm-up on:
+        a memorised slice would judge every consensus by how well the student recalls it."""
+        train, _ = self._split(ctx)
+        ctx.trainer.fit(ctx.private_X[train], ctx.private_y[train],
+                        epochs=self.config.warmup_epochs)
+
+    def _split(self, ctx: ClientContext) -> tuple[np.ndarray, np.ndarray | None]:
+        """(train, held-out) indices of the private data; held-out None when the safeguard is
+        off or there is too little data to hold any out."""
+        n = len(ctx.private_y)
+        if self.config.holdout_share == 0 or n < 2:
+            return np.arange(n), None
+        return holdout_split(n, self.config.holdout_share, self.config.seed)
+
     def absorb(self, ctx: ClientContext, announcement: Payload, consensus: Payload) -> None:
         rows = ctx.public_X[announced_rows(announcement, len(ctx.public_X))]
         # A consensus is checked as strictly as an upload: a hostile broker or server gets it
@@ -109,6 +129,36 @@ class FedMDClient(ClientStrategy):
         require_tensors(Message("consensus", "server", 0, {}, consensus.tensors),
                         self.codec.specs(len(rows)))
         teacher = self.codec.decode(consensus.tensors)
-        ctx.trainer.distill(rows, teacher, epochs=self.config.distill_epochs,
-                            temperature=self.config.temperature, alpha=1.0)
-        ctx.trainer.fit(ctx.private_X, ctx.private_y, epochs=self.config.revisit_epochs)
+        X, y = ctx.private_X, ctx.private_y
+        train, held = self._split(ctx)
+        if held is None:
+            self._learn(ctx, rows, teacher, X, y)
+            return
+        before, kept = ctx.trainer.accuracy(X[held], y[held]), ctx.trainer.state_dict()
+        self._learn(ctx, rows, teacher, X[train], y[train])
+        after = ctx.trainer.accuracy(X[held], y[held])
+        if after < before - self.config.holdout_margin:
+            log.info("consensus lowered held-out accuracy %.3f -> %.3f: kept the previous "
+                     "student", before, after)
+            ctx.trainer.load_state_dict(kept)
+
+    def _learn(self, ctx: ClientContext, rows: np.ndarray, teacher: np.ndarray,
+               X: np.ndarray, y: np.ndarray) -> None:
+        """Distill the consensus (label-anchored), then revisit the labels (FedNTD)."""
+        config = self.config
+        anchor = (LabelAnchor(X, y, config.distill_label_weight, config.distill_label_tau,
+                              config.num_classes)
+                  if config.distill_label_weight > 0 else None)
+        ctx.trainer.distill(rows, teacher, epochs=config.distill_epochs,
+                            temperature=config.temperature, alpha=1.0, anchor=anchor)
+        ctx.trainer.fit(X, y, epochs=config.revisit_epochs,
+                        keep_weight=config.revisit_ntd_weight, temperature=config.temperature)
+
+
+def holdout_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of a device's private data: a fixed seeded ``share`` (at
+    least one sample, never all) that judges each absorbed consensus and is never trained on
+    in the rounds."""
+    held = min(n - 1, max(1, round(share * n)))
+    order = np.random.default_rng([seed, n, 0x40D]).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
