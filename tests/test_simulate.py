@@ -68,3 +68,23 @@ def test_inference_only_profile_is_refused(tmp_path, monkeypatch):
     opts = SimulationOptions(clients=2, rounds=1, profiles=["pi-zero-2w"], out=tmp_path / "r")
     with pytest.raises(SimulationError, match="cannot train"):
         run_simulation(opts)
+
+
+def test_a_centralized_baseline_trains_what_one_federated_device_trained():
+    """Its sample budget is a device's (warm-up, revisits, distillation), not a fixed 20+
+    epochs over the pooled data, which made big students' references cost more than the
+    federation (hard32: res-xl alone 15-20 minutes)."""
+    from fededge.config import FederationConfig
+    from fededge.learn.data import load_dataset, split_federated
+    from fededge.sim.baselines import centralized_epochs, federation_samples
+
+    split = split_federated(load_dataset("digits"), 10, seed=0)
+    pooled = sum(len(c.y) for c in split.clients)
+    private = sum(len(c.y) for c in split.clients) / 10
+    for rounds, proxy in ((10, 0), (10, 100), (1, 0)):
+        config = FederationConfig(rounds=rounds, proxy_per_round=proxy)
+        rows = proxy or len(split.public_X)
+        device = private * (30 + 2 * rounds) + rounds * 2 * rows  # the defaults' epochs
+        assert federation_samples(config, split) == int(device)
+        epochs = centralized_epochs(config, split)
+        assert (epochs - 1) * pooled < device <= epochs * pooled

@@ -94,3 +94,16 @@ def test_the_dashboard_of_a_server_kit_without_the_training_side(tmp_path):
     assert {d["id"] for d in state["devices"]} >= {"pi5-kitchen"}
     assert all(d["status"] == "not seen" for d in state["devices"])
     assert "Traceback" not in output and "dashboard of" in output, output
+
+
+def test_provision_with_a_zoo_file_without_torch_names_the_extra(tmp_path):
+    """Measuring a federation's own students needs torch: refused in one line, nothing written."""
+    (tmp_path / "my_zoo.py").write_text((REPO / "examples" / "my_zoo.py").read_text())
+    path = federation_file(tmp_path)
+    path.write_text(path.read_text().replace('name = "demo"', 'name = "demo"\nzoo = "my_zoo.py"',
+                                             1))
+    proc = _cli(tmp_path, "provision", str(path), "--out", str(tmp_path / "kits"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert "needs torch" in proc.stdout + proc.stderr and "fededge[train]" in proc.stdout + \
+        proc.stderr
+    assert not (tmp_path / "kits").exists()

@@ -5,6 +5,7 @@ inside the commands so ``verify-kit`` and ``broker`` start instantly on a small 
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,23 @@ def _privacy_line(report: dict | None) -> str:
             f"δ = {report['delta']:g}")
 
 
+def _zoo_measurer():
+    """``learn.userzoo``'s measurement of a zoo file when torch is installed, else None (then
+    provisioning refuses a federation file with a zoo, naming the extra to install). Torch is
+    imported only when a zoo file is measured: provisioning without one stays torch-free."""
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return None
+    except ImportError:
+        return None
+
+    def measure(path: Path, input_shape: tuple[int, ...], num_classes: int) -> dict:
+        from fededge.learn.userzoo import load_user_zoo
+
+        return {s.name: s.figures for s in load_user_zoo(path, input_shape, num_classes)}
+    return measure
+
+
 def provision_cmd(
     federation_file: Path = typer.Argument(..., help="The federation file (see "
                                                      "examples/federation.toml)."),
@@ -43,7 +61,7 @@ def provision_cmd(
         from fededge.kits.provision import provision
         from fededge.learn.privacy import privacy_report
 
-        result = provision(federation_file, out, revoke or [])
+        result = provision(federation_file, out, revoke or [], _zoo_measurer())
     except FedEdgeError as exc:
         fail(exc)
     rows = [(escape(d.id), escape(d.profile), d.role,

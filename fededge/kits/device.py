@@ -22,6 +22,7 @@ from fededge.kits.mqtt import connect_chunked
 from fededge.kits.run import kit_config, kit_split
 from fededge.learn.data import FederatedSplit, load_private_npz
 from fededge.learn.privacy import worst_case_mu
+from fededge.learn.userzoo import load_user_zoo
 from fededge.learn.zoo import estimate_cost
 from fededge.profiles import get_profile, usable_threads
 from fededge.transport.base import Handler, Transport, TransportWrapper
@@ -101,6 +102,25 @@ def _local_data(kit: Kit, data: str | Path | None) -> tuple[LocalData, Federated
             split, dataset_name)
 
 
+def load_kit_zoo(kit: Kit, split: FederatedSplit) -> None:
+    """The kit's copy of the federation's zoo file, checked and registered, so the device
+    builds its user student from it; a copy whose students measure otherwise than
+    provisioning recorded (the server checks sizes with those figures) is refused."""
+    if kit.zoo is None:
+        return
+    path = kit.path(kit.zoo)
+    loaded = {s.name: s.figures for s in load_user_zoo(path, tuple(split.input_shape),
+                                                        split.num_classes)}
+    for name, recorded in kit.zoo_students.items():
+        got = loaded.get(name)
+        if got is None or (got.params, got.flops, got.activation_floats) != (
+                recorded.params, recorded.flops, recorded.activation_floats):
+            found = "is missing" if got is None else f"has {got.params:,} parameters"
+            raise KitError(f"{path}: student {name!r} {found}, provisioning measured "
+                           f"{recorded.params:,}; check the kit with `fededge verify-kit "
+                           f"{kit.directory}` and re-provision it")
+
+
 def device_kit(kit: Kit) -> Kit:
     """``kit``, if it is one of a device that trains; the error says what to run instead."""
     if kit.is_server:
@@ -120,6 +140,7 @@ def run_client(kit: Kit, *, data: str | Path | None = None, state: Path | None =
     threads = threads or usable_threads(get_profile(kit.profile))
     torch.set_num_threads(threads)
     local, split, dataset = _local_data(kit, data)
+    load_kit_zoo(kit, split)
     params = estimate_cost(kit.student, split.input_shape, split.num_classes).params
     transport, chunked = connect_chunked(
         kit, will=FederationClient.last_will(kit.federation, kit.device))

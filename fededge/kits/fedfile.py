@@ -135,6 +135,7 @@ class DeviceSpec:
 class _FederationTable:
     name: Identifier
     collect_models: bool = False
+    zoo: Text | None = None     # a Python file of the user's students, relative to this file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,7 @@ class FederationSpec:
     settings: dict[str, Any]    # FederationConfig fields from [training] and [privacy]
     devices: tuple[DeviceSpec, ...]
     lines: _LineIndex = field(repr=False, compare=False)
+    zoo: Path | None = None     # the user zoo file (``learn.userzoo``), copied into every kit
 
     def error(self, table: str, key: str | None, message: str,
               index: int | None = None) -> FederationFileError:
@@ -225,7 +227,24 @@ def load_federation_file(path: str | Path) -> FederationSpec:
     settings = {**_settings(read, raw),
                 **{key: getattr(fed, key) for key in FEDERATION_SETTINGS}}
     devices = _devices(read, raw.get("devices"))
-    return FederationSpec(path, fed.name, broker, dataset, settings, devices, lines)
+    return FederationSpec(path, fed.name, broker, dataset, settings, devices, lines,
+                          _zoo_file(read, path, fed.zoo))
+
+
+def _zoo_file(read: _Reader, path: Path, zoo: str | None) -> Path | None:
+    """The zoo file ``[federation] zoo`` names, relative to the federation file; it must be
+    readable here, since every kit gets a copy."""
+    if zoo is None:
+        return None
+    zoo_path = Path(zoo) if Path(zoo).is_absolute() else path.parent / zoo
+    try:
+        zoo_path.read_bytes()
+    except OSError as exc:
+        raise read.error("federation", "zoo", f"zoo {str(zoo_path)!r}: cannot read it "
+                                              f"({exc.strerror}); give the path, relative to "
+                                              "the federation file, of a Python file defining "
+                                              "students(input_shape, num_classes)") from None
+    return zoo_path
 
 
 def _settings(read: _Reader, raw: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ DEPLOY_CERT_FILE, DEPLOY_KEY_FILE = "deploy.crt", "deploy.key"  # server kit: si
 SERVER_ROLES = (DEPLOY_ROLE, LOCK_ROLE)  # `fededge deploy`; the probe of the one-server lock
 DEVICE_ROLES = (AGENT_ROLE,)             # the edge agent
 DATASET_FILE = "dataset.npz"   # a federation's .npz dataset, when it is not a built-in one
+ZOO_FILE = "zoo.py"            # the federation's user zoo file, when it has one
 MANIFEST_FILE = "manifest.json"
 STATE_DIR = "state"            # runtime output (checkpoints) below a kit; not part of the kit
 # A device kit's role: a training client (which may also run the edge agent beside it), or an
@@ -83,6 +84,16 @@ class DatasetRef:
 
 
 @pydantic_dataclass(frozen=True, config=STRICT)
+class MeasuredStudent:
+    """What provisioning measured of one student of the kit's zoo file (``learn.models.trace``,
+    per sample), so parties without torch (a fedmd server) know its size and cost."""
+
+    params: Annotated[int, Field(ge=1)]
+    flops: NonNegative
+    activation_floats: NonNegative
+
+
+@pydantic_dataclass(frozen=True, config=STRICT)
 class _KitFile:
     """The schema of ``client.toml`` / ``server.toml``; its tables are records of their own
     (``[broker]``, ``[dataset]``, and ``[config]``, the federation's settings)."""
@@ -101,6 +112,8 @@ class _KitFile:
     role: Literal["client", "agent"] = "client"
     model_from: Identifier | None = None
     agents: dict[Identifier, Identifier] = field(default_factory=dict)
+    zoo: Literal["zoo.py"] | None = None
+    zoo_students: dict[Identifier, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,8 @@ class Kit:
     role: str = CLIENT_ROLE      # device kit; kits written before roles existed train
     model_from: str | None = None  # agent-only device: the training device whose model it runs
     agents: dict[str, str] = field(default_factory=dict)  # server kit: agent-only → model_from
+    zoo: str | None = None       # ZOO_FILE when the federation has students of its own
+    zoo_students: dict[str, MeasuredStudent] = field(default_factory=dict)  # measured, by name
 
     @property
     def is_server(self) -> bool:
@@ -165,10 +180,14 @@ class Kit:
             top.update({"seed": self.seed} if self.trains else {})
             optional = {"shard": self.shard, "data": self.data, "model_from": self.model_from}
             top.update({key: value for key, value in optional.items() if value is not None})
+        if self.zoo is not None:
+            top["zoo"] = self.zoo
         tables = {"broker": vars(self.broker), "dataset": vars(self.dataset),
                   "config": self.config}
         if self.agents:
             tables["agents"] = self.agents
+        if self.zoo_students:
+            tables["zoo_students"] = {name: vars(m) for name, m in self.zoo_students.items()}
         return _dump_toml(header, top, tables)
 
 
@@ -189,11 +208,14 @@ def load_kit(directory: str | Path) -> Kit:
         parsed = parse(_KitFile, raw)
         tables = {name: parse(kind, getattr(parsed, name)) for name, kind in
                   (("broker", BrokerAccess), ("dataset", DatasetRef))}
+        students = {name: parse(MeasuredStudent, figures)
+                    for name, figures in parsed.zoo_students.items()}
         FederationConfig.from_dict(parsed.config)
     except (SchemaError, ConfigError) as exc:
         raise KitError(f"{path}: {exc}; re-provision the kit") from None
     kit = Kit(directory=directory, **{**{f.name: getattr(parsed, f.name)
-                                         for f in dataclasses.fields(_KitFile)}, **tables})
+                                         for f in dataclasses.fields(_KitFile)}, **tables,
+                                      "zoo_students": students})
     if (path.name == SERVER_FILE) != kit.is_server:
         raise KitError(f"{path}: device {kit.device!r} does not belong in {path.name}")
     return kit
@@ -211,6 +233,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)   # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 

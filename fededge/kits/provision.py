@@ -46,6 +46,7 @@ import json
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,9 +72,11 @@ from fededge.kits.kit import (
     PASSWORD_FILE,
     ROLES,
     STATE_DIR,
+    ZOO_FILE,
     BrokerAccess,
     DatasetRef,
     Kit,
+    MeasuredStudent,
     load_kit,
     login_files,
     party_roles,
@@ -82,8 +85,9 @@ from fededge.kits.manifest import verify_manifest, write_manifest
 from fededge.kits.provisioner import Builder, Context, Provisioner, ProvisionError
 from fededge.kits.render import render, when
 from fededge.learn.aggregate import UnknownAggregatorError
+from fededge.learn.arch import Measure
 from fededge.learn.data import DataError, FederatedSplit, load_dataset, split_federated
-from fededge.learn.picking import inference_exceeds, pick_student
+from fededge.learn.picking import DEFAULT_BATCH_SIZE, inference_exceeds, pick_student
 from fededge.learn.zoo import zoo_for
 from fededge.profiles import DeviceProfile, ProfileError, get_profile
 from fededge.wire.topics import AGENT_ROLE, DEPLOY_ROLE, SERVER_ID, role_user
@@ -96,6 +100,11 @@ CA_KEY, REVOKED_FILE = "ca.key", "revoked.json"
 LOOPBACK_NAMES = ["localhost", "127.0.0.1"]
 CLIENT_AUTH, SERVER_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH
 CODE_SIGNING = ExtendedKeyUsageOID.CODE_SIGNING
+
+ZooMeasurer = Callable[[Path, tuple[int, ...], int], dict[str, Measure]]
+"""Checks and measures a zoo file's students for the federation's inputs and registers them
+for picking (``learn.userzoo.load_user_zoo``; the CLI passes it). It needs torch, which
+provisioning itself does without: without a measurer, a federation file with a zoo is refused."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,7 @@ class ProvisionContext(Context):
 
     spec: FederationSpec
     revoke: list[str]                                        # this run's --revoke
+    measure_zoo: ZooMeasurer | None = None                   # for spec.zoo (needs torch)
     revoked: dict[str, dict] = field(default_factory=dict)   # Revocations: all, with serials
     plan: FederationPlan = field(init=False, repr=False)     # Planner
     ca: pki.Identity | None = None                           # Certificates (None: no CA yet)
@@ -191,7 +201,9 @@ class Planner(Builder):
         trainers = [d for d in active if roles[d.id] == CLIENT_ROLE]
         shard_devices = [d.id for d in trainers if d.data is None]
         split = _split(spec, dataset_path, max(1, len(shard_devices)))
-        students = {d.id: _student(spec, d, split) for d in trainers}
+        measured = _measured_zoo(ctx, split)
+        batch_size = spec.settings.get("batch_size", DEFAULT_BATCH_SIZE)
+        students = {d.id: _student(spec, d, split, batch_size) for d in trainers}
         config = _config(spec, split, students)
         _homogeneous(spec, config, students)
         sources = {d.id: _model_from(spec, d, students, split, revoked)
@@ -204,7 +216,8 @@ class Planner(Builder):
 
         def party_kit(party: str, **fields) -> Kit:
             access = BrokerAccess(spec.broker.host, spec.broker.tls_port, party)
-            return Kit(ctx.root / party, spec.name, party, access, ref, settings, **fields)
+            return Kit(ctx.root / party, spec.name, party, access, ref, settings, **fields,
+                       zoo=ZOO_FILE if spec.zoo else None, zoo_students=measured)
         kits = [party_kit(SERVER_ID, devices=tuple(students), agents=sources)]
         kits += [party_kit(d.id, profile=d.profile,
                            **_device_fields(d, config.seed, students, sources, shard_devices))
@@ -312,12 +325,14 @@ def builders() -> list[Builder]:
 
 
 def provision(federation_file: str | Path, out: str | Path,
-              revoke: list[str] | None = None) -> ProvisionResult:
+              revoke: list[str] | None = None,
+              measure_zoo: ZooMeasurer | None = None) -> ProvisionResult:
     """Write or update the kits of ``federation_file`` below ``out``: all of them, or, on any
-    error, none (``out`` is left as it was)."""
+    error, none (``out`` is left as it was). ``measure_zoo`` is needed when the file names a
+    zoo (``ZooMeasurer``)."""
     spec = load_federation_file(federation_file)
     revoke = list(revoke or [])
-    ctx = ProvisionContext(out=Path(out), spec=spec, revoke=revoke)
+    ctx = ProvisionContext(out=Path(out), spec=spec, revoke=revoke, measure_zoo=measure_zoo)
     Provisioner(builders()).provision(ctx)
     return ProvisionResult(ctx.out, ctx.plan.config, ctx.plan.devices, sorted(set(revoke)),
                            [d.id for d in spec.devices if d.id in ctx.revoked
@@ -464,12 +479,30 @@ def _split(spec: FederationSpec, dataset_path: Path | None, shards: int) -> Fede
         raise spec.error("dataset", "source", str(exc)) from None
 
 
-def _student(spec: FederationSpec, device: DeviceSpec, split: FederatedSplit) -> str:
-    """The device's student: its override, else the largest that fits its profile."""
+def _measured_zoo(ctx: ProvisionContext, split: FederatedSplit) -> dict[str, MeasuredStudent]:
+    """The federation's own students, measured (and registered for picking) by
+    ``ctx.measure_zoo``, as every kit records them; none without a zoo file."""
+    spec = ctx.spec
+    if spec.zoo is None:
+        return {}
+    if ctx.measure_zoo is None:
+        raise spec.error("federation", "zoo", "zoo: measuring the zoo file's students needs "
+                         "torch, which this install lacks; provision on a machine with "
+                         "`pip install 'fededge[train]'`, or drop zoo")
+    figures = ctx.measure_zoo(spec.zoo, tuple(split.input_shape), split.num_classes)
+    return {name: MeasuredStudent(m.params, m.flops, m.activation_floats)
+            for name, m in figures.items()}
+
+
+def _student(spec: FederationSpec, device: DeviceSpec, split: FederatedSplit,
+             batch_size: int) -> str:
+    """The device's student: its override, else the largest that fits its profile when it
+    trains with batches of the federation's ``batch_size``."""
     try:
         if device.student is None:
             profile = get_profile(device.profile)
-            return pick_student(profile, split.input_shape, split.num_classes).student
+            return pick_student(profile, split.input_shape, split.num_classes,
+                                batch_size).student
     except ProfileError as exc:
         raise spec.error("devices", "profile", f"device {device.id!r}: {exc}",
                          device.index) from None
@@ -596,6 +629,10 @@ def _write_party_kit(kit: Kit, spec: FederationSpec, dataset_path: Path | None) 
         write_file(directory / DATASET_FILE, dataset_path.read_bytes())
     else:  # a built-in dataset, or an agent-only device (it may have trained before)
         (directory / DATASET_FILE).unlink(missing_ok=True)
+    if spec.zoo is not None:  # covered by the kit's manifest like every other file
+        write_file(directory / ZOO_FILE, spec.zoo.read_bytes())
+    else:
+        (directory / ZOO_FILE).unlink(missing_ok=True)
     role = "server" if kit.is_server else kit.role  # also the `fededge` command it runs
     what = _describe(kit)
     write_file(kit.file, kit.to_toml(

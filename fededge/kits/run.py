@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ from fededge.files import atomic_write
 from fededge.kits import lock
 from fededge.kits.kit import STATE_DIR, Kit, KitError
 from fededge.kits.mqtt import connect_chunked
+from fededge.learn.arch import Measure
 from fededge.learn.data import FederatedSplit, load_dataset, split_federated
+from fededge.learn.zoo import register_measured
 
 SUMMARY_FILE, EVAL_DATA_FILE = "summary.json", "eval_data.npz"  # as `fededge simulate` writes
 
@@ -39,6 +42,14 @@ SUMMARY_FILE, EVAL_DATA_FILE = "summary.json", "eval_data.npz"  # as `fededge si
 def kit_config(kit: Kit) -> FederationConfig:
     """The federation settings the kit was provisioned with (a fresh run id each start)."""
     return FederationConfig.from_dict(kit.config)
+
+
+def register_kit_students(kit: Kit, config: FederationConfig) -> None:
+    """The federation's own students (its zoo file), as provisioning measured them, made known
+    by name without torch: the server checks a collected student's size with them."""
+    for name, m in kit.zoo_students.items():
+        register_measured(name, config.input_shape, config.num_classes,
+                          Measure(m.params, m.flops, m.activation_floats, (config.num_classes,)))
 
 
 # ----------------------------------------------------------------------------- server
@@ -63,6 +74,7 @@ def run_server(kit: Kit, *, state: Path | None = None, join_timeout: float = 300
     if not kit.is_server:
         raise KitError(f"{kit.file}: this is device {kit.device!r}'s kit; pass the server kit")
     config = kit_config(kit)
+    register_kit_students(kit, config)
     needs_proxy = strategy_pair(config.strategy)[0].needs_proxy
     split, dataset = kit_split(kit) if needs_proxy or config.collect_models else (None, "")
     strategy = wiring.server_strategy(config, split.public_X if needs_proxy else None)
@@ -81,6 +93,8 @@ def run_server(kit: Kit, *, state: Path | None = None, join_timeout: float = 300
         server.run()
         rows = round_rows(server.metrics, server.history)
         _write_summary(state, server, rows, dataset, split)
+        if kit.zoo is not None:  # export rebuilds collected user students from it
+            shutil.copyfile(kit.path(kit.zoo), state / kit.zoo)
         return ServerRun(rows, len(server.history), server.accepted_uploads,
                          sum(server.rejections.values()), sorted(server.collected),
                          state / SUMMARY_FILE)

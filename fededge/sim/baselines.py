@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -27,18 +29,40 @@ class References:
     devices: list[str]
     local_only: list[float]
     centralized: list[float]
+    costs: list[dict[str, Any]] = field(default_factory=list)  # one per trained model
 
     def to_dict(self) -> dict[str, Any]:
         return {"local_only_mean_accuracy": float(np.mean(self.local_only)),
                 "centralized_mean_accuracy": float(np.mean(self.centralized)),
+                "training": self.costs,
                 "clients": [{"id": d, "local_only_accuracy": lo, "centralized_accuracy": c}
                             for d, lo, c in zip(self.devices, self.local_only,
                                                 self.centralized)]}
 
 
+def federation_samples(config: FederationConfig, split: FederatedSplit) -> int:
+    """Training samples one device of the federation processes, on average: its warm-up and
+    revisit epochs over its private data and its distillation epochs over the proxy rows of
+    every round."""
+    private = np.mean([len(c.y) for c in split.clients])
+    proxy = config.proxy_per_round or len(split.public_X)
+    return int(private * (config.warmup_epochs + config.rounds * config.revisit_epochs)
+               + config.rounds * config.distill_epochs * min(proxy, len(split.public_X)))
+
+
+def centralized_epochs(config: FederationConfig, split: FederatedSplit) -> int:
+    """Epochs over the pooled private data that a centralized model trains: as many samples as
+    a federated device trained on (``federation_samples``), so the reference costs what the
+    federation spent per device (and at least one epoch). Before, it was max(20, warm-up
+    epochs): ~32k samples for res-xl on hard32, 15-20 minutes alone on this machine."""
+    pooled = sum(len(c.y) for c in split.clients)
+    return max(1, math.ceil(federation_samples(config, split) / pooled))
+
+
 class BackgroundBaselines:
     """Local-only (each student on its private data, with the federation's private-epoch
-    budget) and centralized (each architecture on all private data pooled) accuracies.
+    budget) and centralized (each architecture on all private data pooled, with as many
+    training samples as a federated device saw: ``centralized_epochs``) accuracies.
 
     They train in a thread while the federation runs: the federation leaves part of the second
     core idle (clients wait on each other and on the broker), and torch releases the GIL inside
@@ -56,7 +80,7 @@ class BackgroundBaselines:
         self._devices = [p.device_id for p in people]
         self._on_progress, self._on_done = on_progress, on_done
         self._local_epochs = config.warmup_epochs + config.rounds * config.revisit_epochs
-        self._central_epochs = max(20, config.warmup_epochs)
+        self._central_epochs = centralized_epochs(config, split)
         self._local = [wiring.student_trainer(p.student, split.input_shape,
                                               split.num_classes, config, seed + i)
                        for i, p in enumerate(people)]
@@ -75,28 +99,43 @@ class BackgroundBaselines:
     def _run(self) -> None:
         split = self._split
         total, done = len(self._local) + len(self._central), 0
+        costs: list[dict[str, Any]] = []
         try:
             self._on_progress(done, total)
             local = []
-            for trainer, data in zip(self._local, split.clients):
-                self._fit(trainer, data.X, data.y, self._local_epochs)
-                local.append(trainer.accuracy(split.test_X, split.test_y))
+            for trainer, data, student in zip(self._local, split.clients, self._students):
+                local.append(self._train(trainer, data.X, data.y, self._local_epochs,
+                                         costs, "local-only", student))
                 done += 1
                 self._on_progress(done, total)
             pooled_X = np.concatenate([c.X for c in split.clients])
             pooled_y = np.concatenate([c.y for c in split.clients])
             central = {}
             for student, trainer in self._central.items():
-                self._fit(trainer, pooled_X, pooled_y, self._central_epochs)
-                central[student] = trainer.accuracy(split.test_X, split.test_y)
+                central[student] = self._train(trainer, pooled_X, pooled_y,
+                                               self._central_epochs, costs, "centralized",
+                                               student)
                 done += 1
                 self._on_progress(done, total)
-            self._value = References(self._devices, local, [central[s] for s in self._students])
+            self._value = References(self._devices, local, [central[s] for s in self._students],
+                                     costs)
             self._on_done(self._value)
         except _Stopped:
             pass
         except BaseException as exc:  # re-raised in the caller's thread
             self._error = exc
+
+    def _train(self, trainer: Trainer, X: np.ndarray, y: np.ndarray, epochs: int,
+               costs: list[dict[str, Any]], kind: str, student: str) -> float:
+        """Train, then test; the model's cost (training wall time, samples) joins ``costs``."""
+        started = time.perf_counter()
+        self._fit(trainer, X, y, epochs)
+        seconds = time.perf_counter() - started
+        accuracy = trainer.accuracy(self._split.test_X, self._split.test_y)
+        costs.append({"kind": kind, "student": student, "epochs": epochs,
+                      "samples": epochs * len(y), "train_seconds": round(seconds, 2),
+                      "samples_per_second": round(epochs * len(y) / max(seconds, 1e-9), 1)})
+        return accuracy
 
     def _fit(self, trainer: Trainer, X: np.ndarray, y: np.ndarray, epochs: int) -> None:
         """``trainer.fit`` one epoch at a time (the same batches), so ``stop`` takes effect
