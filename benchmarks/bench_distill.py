@@ -6,7 +6,7 @@ The teacher is zoo student cnn-l trained centrally on distill's own train split 
 seeded split, so it never sees the test split) for ``--teacher-epochs``, with the
 standardization folded in, and exported to ONNX as a user's model would be.
 
-    .venv/bin/python benchmarks/bench_distill.py --epochs 20 --out benchmarks/results/distill
+    .venv/bin/python benchmarks/bench_distill.py --epochs 10 --teacher-epochs 15 --out /tmp/distill
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
             print(f"  {s['profile']:<12} {s['student']:<7} {s['params']:>7,} KD "
                   f"{100 * s['accuracy']:.1f}%  labels-only {100 * s['labels_only_accuracy']:.1f}%"
                   f"  Δ {100 * (s['accuracy'] - s['labels_only_accuracy']):+.1f}", flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from fededge.delivery.export import (
     StudentMeta,
     export_student,
 )
-from fededge.delivery.teacher import Teacher, load_teacher, teacher_logits
+from fededge.delivery.teacher import TEACHER_OUTPUTS, Teacher, load_teacher, teacher_logits
 from fededge.edge.runtime import EdgeModel, time_calls
 from fededge.files import write_file
 from fededge.learn.data import Dataset, Standardizer, load_dataset
@@ -81,6 +81,9 @@ class DistillOptions:
             raise DistillError(f"--temperature {self.temperature}: must be > 0; try 2-4")
         if self.epochs < 1 or self.finetune_epochs < 0:
             raise DistillError("--epochs must be >= 1 and --finetune-epochs >= 0")
+        if self.teacher_outputs not in TEACHER_OUTPUTS:
+            raise DistillError(f"--teacher-outputs {self.teacher_outputs!r}: use one of "
+                               f"{', '.join(TEACHER_OUTPUTS)}")
         if self.quantize not in (None, *QUANTIZE_CHOICES):
             raise DistillError(f"--quantize {self.quantize!r}: use "
                                f"{' or '.join(QUANTIZE_CHOICES)}")
