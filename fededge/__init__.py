@@ -1,7 +1,7 @@
 """fededge: federated knowledge distillation for heterogeneous edge devices over MQTT.
 
-From Python: ``fededge.simulate(...)``, ``fededge.export(...)`` and ``fededge.load_model(...)``
-(see ``fededge.api``). They are loaded on first use, so ``import fededge`` stays light and
+From Python: ``fededge.simulate(...)``, ``fededge.export(...)``, ``fededge.distill(...)`` and
+``fededge.load_model(...)`` (see ``fededge.api``). They are loaded on first use, so ``import fededge`` stays light and
 torch-free: the edge agent imports this package on devices that have no torch.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-API = ("simulate", "export", "load_model")
+API = ("simulate", "export", "distill", "load_model")
 __all__ = ["__version__", *API]
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""fededge from Python: ``fededge.simulate``, ``fededge.export`` and ``fededge.load_model``.
+"""fededge from Python: ``fededge.simulate``, ``fededge.export``, ``fededge.distill`` and
+``fededge.load_model``.
 
 The command line is a shell over these functions, so a notebook gets exactly what ``fededge
 simulate`` and ``fededge export`` do::
@@ -146,6 +147,31 @@ def export(run: SimulationResult | str | os.PathLike[str], device: str | None = 
 
     return export_run(getattr(run, "out", run), device=device, all_devices=all_devices,
                       quantize=quantize, out=out)
+
+
+def distill(teacher: str | os.PathLike[str], data: str | os.PathLike[str], *,
+            out: str | os.PathLike[str], profiles: list[str] | None = None,
+            zoo: str | os.PathLike[str] | None = None, alpha: float | None = None,
+            temperature: float | None = None, epochs: int | None = None,
+            finetune_epochs: int | None = None, quantize: str | None = None,
+            teacher_outputs: str = "logits", seed: int = 0,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Distill ``teacher`` (an .onnx file or a student checkpoint directory) into the student
+    each device profile picks, as ``fededge distill`` does: bundles under ``out/<profile>/``,
+    and the summary (also ``out/summary.json``) returned: ``teacher`` (accuracy, params,
+    bytes) and ``students`` (profile, student, params, accuracy, labels_only_accuracy,
+    export_dir). Unset α, T and epochs take the command's defaults."""
+    from fededge.delivery import distill as job
+
+    given = {"alpha": alpha, "temperature": temperature, "epochs": epochs,
+             "finetune_epochs": finetune_epochs}
+    opts = job.DistillOptions(
+        teacher=Path(teacher), data=os.fspath(data), out=Path(out),
+        profiles=tuple(profiles) if profiles else None,
+        zoo=Path(zoo) if zoo is not None else None, quantize=quantize,
+        teacher_outputs=teacher_outputs, seed=seed,
+        **{key: value for key, value in given.items() if value is not None})
+    return job.distill(opts, progress or (lambda line: None))
 
 
 def load_model(path: str | os.PathLike[str], device: str | None = None, *,

@@ -79,3 +79,11 @@ def test_straggle_and_settings_reach_the_simulation(monkeypatch, tmp_path):
     assert seen["opts"].straggle == 0.5 and seen["opts"].overrides["deadline_s"] == 7
     code, out = _invoke("simulate", "--straggle", "-1", "--out", str(tmp_path / "r"))
     assert code == 2 and "straggle" in out
+
+
+def test_fedavg_kd_without_a_device_for_its_teacher_fails_before_round_1(tmp_path):
+    code, out = _invoke("simulate", "--clients", "3", "--rounds", "2", "--strategy",
+                        "fedavg-kd", "--profiles", "pi-zero-2w", "--out", str(tmp_path / "r"))
+    assert code == 2 and "Traceback" not in out
+    assert "no device can train the teacher 'cnn-l'" in out and "x86-gateway" in out
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # nothing ran

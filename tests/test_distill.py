@@ -117,3 +117,130 @@ def test_kd_loss_argument_errors(labels, teacher, alpha, T, expected):
     teachers = {"t": t, "short": t[:, :3], None: None}
     with pytest.raises(ValueError, match=expected):
         kd_loss(s, y if labels else None, teachers[teacher], alpha=alpha, temperature=T)
+
+
+# ----------------------------------------------------------------------------- fededge distill
+# A teacher built here with plain torch (not by fededge), exported as a user would.
+
+import json  # noqa: E402
+
+import onnxruntime as ort  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from fededge import api  # noqa: E402
+from fededge.cli.app import app  # noqa: E402
+
+FAST = ("--profiles", "pi-zero-2w", "--epochs", "1", "--finetune-epochs", "1")
+
+
+def _digits_npz(path, flat=False):
+    bunch = load_digits()
+    X = (bunch.images / 16.0).astype(np.float32)[:, None]
+    np.savez(path, X=X.reshape(len(X), -1) if flat else X, y=bunch.target)
+    return path
+
+
+def _onnx_teacher(path, classes=10, softmax=False, train=True):
+    torch.manual_seed(0)
+    layers = [torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+              torch.nn.Linear(64, classes)]
+    model = torch.nn.Sequential(*layers, *([torch.nn.Softmax(dim=1)] if softmax else []))
+    if train:
+        bunch = load_digits()
+        X = torch.from_numpy((bunch.images / 16.0).astype(np.float32)[:, None])
+        y = torch.from_numpy(bunch.target)
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        for _ in range(40):
+            opt.zero_grad()
+            F.cross_entropy(model[:4](X), y).backward()
+            opt.step()
+    torch.onnx.export(model.eval(), (torch.zeros(2, 1, 8, 8),), str(path), dynamo=False,
+                      input_names=["pixels"], output_names=["scores"],
+                      dynamic_axes={"pixels": {0: "n"}, "scores": {0: "n"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def distill_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    return {"data": _digits_npz(root / "digits.npz"), "teacher": _onnx_teacher(root / "t.onnx"),
+            "root": root}
+
+
+def _cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    return result.exit_code, " ".join(result.output.split()), result
+
+
+def test_distill_exports_a_loadable_bundle_per_profile_and_a_summary(distill_files):
+    out = distill_files["root"] / "out"
+    code, text, _ = _cli("distill", distill_files["teacher"], "--data", distill_files["data"],
+                         *FAST, "--out", out)
+    assert code == 0, text
+    summary = json.loads((out / "summary.json").read_text())
+    teacher = summary["teacher"]
+    assert {"accuracy", "params", "bytes"} <= set(teacher)
+    assert teacher["params"] == 64 * 64 + 64 + 64 * 10 + 10 and teacher["accuracy"] > 0.8
+    (student,) = summary["students"]
+    assert {"profile", "student", "params", "accuracy", "labels_only_accuracy",
+            "export_dir"} <= set(student)
+    assert student["profile"] == "pi-zero-2w" and student["student"] in text
+    bundle = out / "pi-zero-2w"
+    assert student["export_dir"] == str(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    X = np.load(distill_files["data"])["X"][:5]
+    mean = np.asarray(manifest["preprocessing"]["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(manifest["preprocessing"]["std"], np.float32).reshape(1, -1, 1, 1)
+    logits = session.run(None, {"input": ((X - mean) / std).astype(np.float32)})[0]
+    assert logits.shape == (5, 10)
+    assert manifest["student"]["params"] == student["params"]
+
+
+def _fails(files, teacher, *extra, data=None):
+    code, text, result = _cli("distill", teacher, "--data", data or files["data"], *FAST,
+                              *extra, "--out", files["root"] / "bad")
+    assert code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), text
+    assert "Traceback" not in text and text.count("error:") == 1, text
+    return code, text
+
+
+def test_distill_teacher_input_shape_must_match_the_data(distill_files):
+    flat = _digits_npz(distill_files["root"] / "flat.npz", flat=True)
+    code, text = _fails(distill_files, distill_files["teacher"], data=flat)
+    assert code == 2 and "(N, 1, 8, 8)" in text and "(N, 64)" in text
+
+
+def test_distill_teacher_class_count_must_match_the_data(distill_files):
+    teacher = _onnx_teacher(distill_files["root"] / "five.onnx", classes=5, train=False)
+    code, text = _fails(distill_files, teacher)
+    assert code == 2 and "predicts 5 classes" in text and "has 10" in text
+
+
+def test_distill_probabilities_where_logits_were_promised(distill_files):
+    teacher = _onnx_teacher(distill_files["root"] / "soft.onnx", softmax=True, train=False)
+    code, text = _fails(distill_files, teacher)
+    assert code == 2 and "look like probabilities" in text
+    assert "--teacher-outputs probabilities" in text
+
+
+def test_distill_unreadable_teacher(distill_files):
+    junk = distill_files["root"] / "junk.onnx"
+    junk.write_bytes(b"not a model at all")
+    code, text = _fails(distill_files, junk)
+    assert code == 2 and "junk.onnx" in text and "unreadable ONNX teacher" in text
+    code, text = _fails(distill_files, distill_files["root"] / "missing.onnx")
+    assert "no such teacher" in text
+
+
+def test_api_distill_takes_a_probability_teacher_when_told(distill_files, tmp_path):
+    teacher = _onnx_teacher(tmp_path / "soft.onnx", softmax=True)
+    lines = []
+    summary = api.distill(teacher, distill_files["data"], out=tmp_path / "out",
+                          profiles=["pi-zero-2w"], epochs=1, finetune_epochs=0,
+                          teacher_outputs="probabilities", progress=lines.append)
+    assert summary == json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["teacher"]["accuracy"] > 0.8 and summary["settings"]["finetune_epochs"] == 0
+    assert summary["students"][0]["profile"] == "pi-zero-2w" and lines

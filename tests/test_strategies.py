@@ -113,6 +113,17 @@ def test_fedavg_kd_checks_teacher_weights_and_needs_a_contributor(split):
         server.aggregate(1, server.configure(1), [_reply("a", 5, np.zeros(0, np.float32))])
 
 
+def test_fedavg_kd_checks_before_round_1_that_some_device_can_train_the_teacher(split):
+    server = FedAvgKDServer(small_config(split, strategy="fedavg-kd", teacher="cnn-m"))
+    server.check_devices({"a": "cnn-xs", "b": "cnn-m"})  # b trains it
+    with pytest.raises(ConfigError) as raised:
+        server.check_devices({"a": "cnn-xs", "b": "cnn-s"})
+    message = str(raised.value)
+    assert "'cnn-m'" in message and "cnn-s, cnn-xs" in message and "teacher=cnn-s" in message
+    assert "x86-gateway" in message  # a catalog profile whose student is large enough
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("codec", ["int8", "topk"])
 def test_fedmd_with_a_compressed_codec_runs_and_validates(split, codec):
     config = small_config(split, rounds=1, logit_codec=codec, warmup_epochs=3)

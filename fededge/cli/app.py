@@ -239,6 +239,10 @@ def _print_simulation(result) -> None:
 app.command("export")(export_cmd)
 app.command("infer")(infer_cmd)
 
+from fededge.cli.distill import distill_cmd  # noqa: E402
+
+app.command("distill")(distill_cmd)
+
 # Deployment: kits, the production broker, and the server and devices run from kits.
 from fededge.cli.kit import broker_cmd, client_cmd, provision_cmd, server_cmd, verify_kit_cmd  # noqa: E402
 

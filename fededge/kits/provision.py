@@ -542,7 +542,8 @@ def _config(spec: FederationSpec, split: FederatedSplit,
             federation=spec.name, num_classes=split.num_classes,
             input_shape=tuple(split.input_shape), proxy_sha256=split.proxy_sha256,
             proxy_size=len(split.public_X), **settings)
-        strategy_pair(config.strategy)[0](config)  # validates strategy and aggregator
+        # validates strategy and aggregator, and that the devices can run the strategy
+        strategy_pair(config.strategy)[0](config).check_devices(students)
     except (ConfigError, UnknownStrategyError, UnknownAggregatorError) as exc:
         named = re.search(r"'(\w+)'", str(exc))
         key = named.group(1) if named else None

@@ -169,8 +169,9 @@ def prepare(opts: SimulationOptions) -> Plan:
     dataset, split = split_for(opts)
     config = federation_config(opts, split)
     server_strategy = wiring.server_strategy(config, split.public_X)  # validates before any work
-    return Plan(dataset.name, split, config, plan_participants(opts, split), server_strategy,
-                opts.zoo)
+    people = plan_participants(opts, split)
+    server_strategy.check_devices({p.device_id: p.student for p in people})
+    return Plan(dataset.name, split, config, people, server_strategy, opts.zoo)
 
 
 def _start_broker(kind: str) -> EmbeddedBroker | MosquittoBroker:

@@ -10,7 +10,7 @@ any tensor library in the way.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -102,6 +102,10 @@ class ServerStrategy(ABC):
     @abstractmethod
     def reply_specs(self, announcement: Payload) -> list[TensorSpec]:
         """The tensors an upload must carry to answer ``announcement``; validated before use."""
+
+    def check_devices(self, students: Mapping[str, str]) -> None:
+        """Before round 1, at plan time (``simulate``, ``provision``): raise ``ConfigError``
+        when the devices (id → the student each trains) cannot run this strategy at all."""
 
     def check(self, reply: Reply) -> None:
         """Strategy-specific checks of an upload whose tensors already match ``reply_specs``;

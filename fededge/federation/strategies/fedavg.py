@@ -3,6 +3,7 @@ every device's own student)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from fededge.federation.strategies.base import (
     teacher_name,
 )
 from fededge.learn.aggregate import AggregationError, weighted_mean
+from fededge.learn.picking import NoStudentFitsError, pick_student
+from fededge.profiles import load_catalog
 from fededge.wire.envelope import TensorSpec
 from fededge.wire.messages import Payload
 from fededge.wire.topics import ProtocolError
@@ -107,6 +110,23 @@ class FedAvgKDServer(FedAvgServer):
     def reply_specs(self, announcement: Payload) -> list[TensorSpec]:
         return [TensorSpec("weights", ("F32",), (None,))]
 
+    def check_devices(self, students: Mapping[str, str]) -> None:
+        """A device trains the teacher when its own student is at least as large (the client
+        half's rule), so with none such every teacher round would end with no upload."""
+        need = parameter_count(self.config, self.architecture)
+        if any(parameter_count(self.config, s) >= need for s in students.values()):
+            return
+        able = _profiles_at_least(self.config, need)
+        where = (f"profiles whose student is large enough: {', '.join(able)}; add such devices "
+                 "(simulate: --profiles)" if able
+                 else "no profile of the catalog picks a student that large")
+        largest = max(students.values(), key=lambda s: parameter_count(self.config, s))
+        raise ConfigError(
+            f"fedavg-kd: no device can train the teacher {self.architecture!r} ({need:,} "
+            f"params): the devices' students are {', '.join(sorted(set(students.values())))} "
+            f"({where}), or set 'teacher' to a student some device trains (simulate: --set "
+            f"teacher={largest})")
+
     def check(self, reply: Reply) -> None:
         length = len(reply.payload.tensors["weights"])
         if length not in (0, self.size):
@@ -123,6 +143,20 @@ class FedAvgKDServer(FedAvgServer):
                                 [r.samples for r in trained])
         phase = PHASE_DISTILL if rnd == self.config.rounds else PHASE_TEACHER
         return _weights_payload(phase, average, contributors=len(trained))
+
+
+def _profiles_at_least(config: FederationConfig, params: int) -> list[str]:
+    """The catalog's training profiles whose pick has at least ``params`` parameters."""
+    able = []
+    for profile in load_catalog().values():
+        try:
+            choice = pick_student(profile, config.input_shape, config.num_classes,
+                                  config.batch_size)
+        except NoStudentFitsError:
+            continue
+        if profile.can_train and choice.cost.params >= params:
+            able.append(profile.name)
+    return able
 
 
 class FedAvgKDClient(ClientStrategy):
