@@ -37,7 +37,7 @@ def huge_round(device: str, run_id: str, rows: int, classes: int) -> bytes:
 
 
 def wrapping_counts(device: str, rnd: int, run_id: str, rows: int, classes: int,
-                    attempt: int = 1) -> bytes:
+                    attempt: int = 1, int8: bool = False) -> bytes:
     """class_counts whose int64 sum wraps around to the declared 7 samples, with confident
     logits: accepted before, it dominated the class-weighted consensus."""
     counts = np.array([2**62, 2**62, 2**62, 2**62 + 1] + [1] * (classes - 4), np.int64)
