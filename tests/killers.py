@@ -12,6 +12,7 @@ import numpy as np
 from safetensors.numpy import save as st_save
 
 from fededge.wire import envelope as proto
+from fededge.wire.codecs import Int8Codec
 from fededge.wire.messages import Payload, decode_rows
 
 DEEP = 60_000
@@ -36,15 +37,17 @@ def huge_round(device: str, run_id: str, rows: int, classes: int) -> bytes:
 
 
 def wrapping_counts(device: str, rnd: int, run_id: str, rows: int, classes: int,
-                    attempt: int = 1) -> bytes:
+                    attempt: int = 1, int8: bool = False) -> bytes:
     """class_counts whose int64 sum wraps around to the declared 7 samples, with confident
     logits: accepted before, it dominated the class-weighted consensus."""
     counts = np.array([2**62, 2**62, 2**62, 2**62 + 1] + [1] * (classes - 4), np.int64)
     assert int(counts.sum()) == 7 and sum(int(c) for c in counts) != 7
-    logits = np.full((rows, classes), -20.0, np.float16)
+    logits = np.full((rows, classes), -20.0, np.float32)
     logits[:, 0] = 20.0
+    # in the federation's codec (int8: the default), so only the counts can be rejected
+    tensors = Int8Codec(classes).encode(logits) if int8 else {"logits": logits.astype(np.float16)}
     return _upload(device, rnd, {"samples": 7, "run_id": run_id, "attempt": attempt},
-                   {"logits": logits, "class_counts": counts})
+                   {**tensors, "class_counts": counts})
 
 
 def lying_metrics(device: str, rnd: int, run_id: str) -> bytes:
@@ -86,7 +89,8 @@ class HostileDevice:
         self._publish(up, huge_round(self.device, run, rows, self.classes), "round 2**64")
         self._publish(up, lying_metrics(self.device, msg.round, run), "10**30 bytes")
         self._publish(up, wrapping_counts(self.device, msg.round, run, rows, self.classes,
-                                          msg.info.get("attempt", 1)), "wrapping class counts")
+                                          msg.info.get("attempt", 1), int8=True),
+                      "wrapping class counts")
 
 
 HOSTILE = "pi4-garage"  # kit_helpers.federation_file(extra_device=True) provisions it

@@ -147,7 +147,8 @@ class Fuzzer:
 
 
 def _federation(split, tmp_path, attack: bool):
-    config = small_config(split, rounds=2, warmup_epochs=5, deadline_s=60)
+    config = small_config(split, rounds=2, warmup_epochs=5, deadline_s=60,
+                          logit_codec="float16")  # the killer payloads are float16 uploads
     with MosquittoBroker() as broker:
         fuzzer = Fuzzer(broker, config) if attack else None
 

@@ -297,7 +297,8 @@ def test_mqtt_payloads():
     on and still accepts a good upload afterwards."""
     import test_fuzz  # the 29 rule-breaking variants of the live fuzz test
 
-    config = FederationConfig(rounds=2, proxy_size=16, proxy_sha256="0" * 64)
+    config = FederationConfig(rounds=2, proxy_size=16, proxy_sha256="0" * 64,
+                              logit_codec="float16")  # the corpus uploads are float16
     topics = proto.Topics(config.federation)
     server = FederationServer(MemoryHub().connect("server"), config, FedMDServer(config),
                               expected_clients=2, store=Store())
