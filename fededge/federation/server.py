@@ -379,11 +379,14 @@ class FederationServer:
         self.collected[msg.device] = meta
         return "accepted"
 
+    def _reported_last_round(self, devices: set[str]) -> bool:
+        return devices <= set(self.metrics.get(self.config.rounds, {}))
+
     def _models_in(self, contributors: set[str]) -> bool:
         """Every device that finished the last round (still here, or reported it) sent its
         student."""
-        final = self.metrics.get(self.config.rounds, {})
-        waiting = {d for d in contributors if d in self.live or d in final}
+        waiting = {d for d in contributors
+                   if d in self.live or self._reported_last_round({d})}
         return waiting <= set(self.collected)
 
     # -- publishing ----------------------------------------------------------------------------
@@ -498,21 +501,20 @@ class FederationServer:
             # announcement of the round before this server announced it again.
             self._open = self._prepare(first)
             self.wait_for_clients()
-        elif not set(self.history[-1].accepted) <= set(self.metrics.get(self.config.rounds, {})):
+        elif not self._reported_last_round(set(self.history[-1].accepted)):
             # Stopped between the last consensus and its reports: the devices must be back
             # (they absorb the retained consensus and report) before a report can be missing.
             self.wait_for_clients()
         for rnd in range(first, self.config.rounds + 1):
             self._run_round(rnd)
-        final = self.config.rounds
         contributors = set(self.history[-1].accepted)
-        self._pump(lambda: contributors & set(self.live) <= set(self.metrics.get(final, {})),
+        self._pump(lambda: self._reported_last_round(contributors & set(self.live)),
                    time.monotonic() + self.config.deadline_s)
         if self.config.collect_models:
             self._pump(lambda: self._models_in(contributors),
                        time.monotonic() + self.config.deadline_s)
         self.transport.publish(self.topics.round,
-                               RoundMessage(final + 1, self.config.run_id, done=True).encode(),
+                               RoundMessage(self.config.rounds + 1, self.config.run_id, done=True).encode(),
                                retain=True)
         self.store.finish()
         return self.history
