@@ -88,3 +88,15 @@ def test_warnings_show_by_default_on_stderr_and_q_keeps_only_results():
     assert "round 3 open" not in loud.stderr and "chatter" not in loud.stderr
     quiet = subprocess.run([sys.executable, "-c", _WARN, "-q"], capture_output=True, text=True)
     assert quiet.stdout.strip() == "the result" and quiet.stderr == ""
+
+
+def test_hex_fingerprints_print_as_written(capsys):
+    """rich reads ':ab:' as an emoji code; a CA fingerprint printed for users to compare must
+    come out exactly as computed (it printed 07🆎94 once)."""
+    from fededge.cli import output
+
+    fingerprint = "64:A6:80:6F:07:AB:94:2F:B3:D9:F3:F9:CB:FB:C1:38:63:08:6A:B3:5B:20:10:9A"
+    output.console.print(f"CA fingerprint {fingerprint}")
+    output.err_console.print(f"CA fingerprint {fingerprint}")
+    captured = capsys.readouterr()
+    assert fingerprint in captured.out and fingerprint in captured.err

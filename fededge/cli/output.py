@@ -21,8 +21,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console(soft_wrap=True)  # long paths stay on one line, whole
-err_console = Console(stderr=True, soft_wrap=True)
+# soft_wrap: long paths stay on one line, whole. emoji=False: a certificate fingerprint such
+# as 07:AB:94 must not print as 07🆎94 (rich reads ':ab:' as an emoji code).
+console = Console(soft_wrap=True, emoji=False)
+err_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 class _ConsoleHandler(logging.Handler):

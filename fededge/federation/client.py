@@ -10,7 +10,10 @@ resumes from the checkpoint when the server announces the same run, absorbs the 
 missed (published retained and self-contained) and answers the current round. It keeps each
 upload until the round's consensus arrives and re-sends it when the server's announcement lists
 it in ``waiting_for`` (the upload was lost to a broker or server restart), so the same bytes
-arrive again instead of a recomputed answer.
+arrive again instead of a recomputed answer. A client that sees it lacks a message re-sends its
+last report as a reminder, and the server re-publishes that message (``server.py``): a consensus
+(a later round is announced or nudged) or a round announcement (nudged about a round it never
+saw).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class _State:
     uploads: dict[int, tuple[bytes, float]] = field(default_factory=dict)
     pending_round: RoundMessage | None = None
     pending_since: float = 0.0
+    last_report: bytes | None = None  # this process's last report, re-sent as a reminder
 
 
 class FederationClient:
@@ -248,6 +252,9 @@ class FederationClient:
             return
         if msg.round <= state.absorbed:
             return
+        behind = msg.round - 1 > state.absorbed and state.warmed_up
+        if behind:
+            self._remind()  # round msg.round - 1 closed, and its consensus is not here
         if msg.round in state.uploads:
             # Re-send only if the server said so after we sent: a listing queued while we were
             # still computing is stale.
@@ -256,7 +263,13 @@ class FederationClient:
                     and self._received_at > sent_at):
                 self._resend(msg.round)
             return
-        if msg.round - 1 > state.absorbed and state.warmed_up:
+        if msg.nudge:
+            # Not answered, not waiting for its consensus: the announcement itself was lost
+            # (a nudge after the last round announces nothing).
+            if state.warmed_up and not behind and msg.round <= state.config.rounds:
+                self._remind()
+            return
+        if behind:
             if state.pending_round is None or state.pending_round.round != msg.round:
                 state.pending_since = time.monotonic()
             state.pending_round = msg
@@ -284,6 +297,15 @@ class FederationClient:
         self.state.uploads[rnd] = (body, time.monotonic())
         self.transport.publish(self.topics.up(self.identity.device_id), body)
         log.info("%s re-sent its upload for round %d", self.identity.device_id, rnd)
+
+    def _remind(self) -> None:
+        """Waiting for a consensus: re-send the last report, which tells the server the last
+        round this device absorbed (it re-publishes a later consensus if there is one)."""
+        state = self.state
+        if state.last_report is None:  # restarted: this process has not reported yet
+            self._report(state.absorbed)
+        else:
+            self.transport.publish(self.topics.up(self.identity.device_id), state.last_report)
 
     def _maybe_release_pending(self) -> None:
         pending = self.state.pending_round
@@ -329,7 +351,8 @@ class FederationClient:
                                 self.identity.student, self.identity.profile)
         self._intervals = []
         self.history.append({"round": rnd, **report.to_info()})
-        self.transport.publish(self.topics.up(self.identity.device_id), report.encode())
+        self.state.last_report = report.encode()
+        self.transport.publish(self.topics.up(self.identity.device_id), self.state.last_report)
 
     def _checkpoint(self, rnd: int) -> None:
         """The exportable student (``student.*``), then the resume state (``state.*``)."""

@@ -9,11 +9,24 @@ Surviving failures:
 - Everything a restart needs is in the ``Store`` before it is acted upon: accepted uploads
   (with their bytes), closed rounds and their consensus. A restarted server adopts the stored
   ``run_id`` and resumes at the first incomplete round, with the uploads it already had.
-- The server's view of the world is re-published, retained, while it waits: the config, the
-  last consensus and the open round, whose ``waiting_for`` names the devices it still lacks.
-  A client listed there re-sends its upload. This one mechanism recovers uploads and consensus
-  lost to a broker restart (clean sessions, no broker persistence needed), to a server restart
-  (nothing queued for it meanwhile) and to client restarts.
+- While it waits, the server nudges the devices: a small, unretained round message without
+  the announcement, whose ``waiting_for`` names the devices it still lacks (a client listed
+  there re-sends its upload); while no round is open, a nudge of the round after the last one
+  closed. Every nudge reaches every device, so the interval doubles during one wait. The
+  retained config and announcement are re-published whole after a Last Will and at start.
+  The last consensus, the one large
+  message, is re-published only where it may be missing: at start (a restarted server), after
+  a Last Will (a broker restart may have lost retained messages), and for a device that
+  shows it lacks it. A device shows that by re-sending its last report (``client.py``) when
+  an announcement or nudge shows a round closed whose consensus it has not absorbed; the
+  server re-publishes when that report is one it has already and names a round older than
+  the last consensus, and when the consensus did not go out within the last ``resend_s``
+  (the reminder may have crossed it). A device nudged about a round it never saw reminds the
+  same way and gets the announcement again. A device busy
+  absorbing costs nothing, so however long rounds take, each device receives about one
+  consensus per round. These mechanisms recover uploads and consensus lost to a broker
+  restart (clean sessions, no broker persistence needed), to a server restart (nothing queued
+  for it meanwhile) and to client restarts.
 - A round closes when every live device answered and a quorum did, or at the deadline with a
   quorum; without quorum it is retried with a fresh deadline (uploads already accepted for the
   round are kept: the clients' students have not changed since), never faked.
@@ -150,6 +163,7 @@ class FederationServer:
                         for r in self.store.closed_rounds()]
         self.resumed_from_round: int | None = len(self.history) + 1 if resumed else None
         self._last_consensus = self.store.consensus(len(self.history)) if self.history else None
+        self._consensus_sent_at = self._announced_at = -math.inf
         self._resend_s = self.config.resend_s or self.config.deadline_s / 4
         self._open: _OpenRound | None = None
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -183,8 +197,11 @@ class FederationServer:
 
     def _pump(self, done: Callable[[], bool], deadline: float) -> bool:
         """Handle inbound messages until ``done()`` or the deadline; True if done. While it
-        waits it re-publishes the retained state every ``resend_s`` (see the module doc)."""
-        next_refresh = time.monotonic() + self._resend_s
+        waits it reminds the devices of the state after ``resend_s``, then after twice as long
+        each time: a lost message is rare, while every reminder reaches every device, so a long
+        wait must cost a few reminders, not one per ``resend_s`` (the module doc)."""
+        interval = self._resend_s
+        next_refresh = time.monotonic() + interval
         while True:
             self._check_abort()
             self._expire_offline()
@@ -195,7 +212,8 @@ class FederationServer:
                 return self._drain(done)
             if now >= next_refresh:
                 self._refresh()
-                next_refresh = now + self._resend_s
+                interval *= 2
+                next_refresh = now + interval
             try:
                 topic, payload = self._inbox.get(
                     timeout=max(0.001, min(deadline, next_refresh, now + 0.25) - now))
@@ -288,7 +306,7 @@ class FederationServer:
             # whoever is still (or again) there to speak up; while we are disconnected the
             # re-publish waits in paho.
             self._offline_since[msg.device] = time.monotonic()
-            self._refresh()
+            self._refresh(everything=True)
 
     def _expire_offline(self) -> None:
         """Stop waiting for devices offline for longer than the grace period."""
@@ -334,6 +352,7 @@ class FederationServer:
         # device's counters are kept beside them, range-checked by the parser, for audits.
         info["reported_bytes"], info["bytes"] = info["bytes"], self._traffic(msg.device)
         if not self.store.add_metrics(msg.round, msg.device, info):
+            self._remind(msg.device, msg.round)
             return "duplicate"
         per_round = self.metrics.setdefault(msg.round, {})
         per_round[msg.device] = info
@@ -390,20 +409,53 @@ class FederationServer:
         return waiting <= set(self.collected)
 
     # -- publishing ----------------------------------------------------------------------------
-    def _announce(self, current: _OpenRound) -> None:
+    def _announce(self, current: _OpenRound, *, nudge: bool = False) -> None:
+        """The open round, retained; or as a nudge (no announcement, not retained)."""
         waiting = sorted((current.participants | set(self.live)) - set(current.replies))
-        message = RoundMessage(current.round, self.config.run_id, current.announcement,
+        message = RoundMessage(current.round, self.config.run_id,
+                               Payload() if nudge else current.announcement,
                                attempt=current.attempt, deadline_s=self.config.deadline_s,
-                               waiting_for=tuple(waiting))
-        self.transport.publish(self.topics.round, message.encode(), retain=True)
+                               waiting_for=tuple(waiting), nudge=nudge)
+        self.transport.publish(self.topics.round, message.encode(), retain=not nudge)
+        if not nudge:
+            self._announced_at = time.monotonic()
 
-    def _refresh(self) -> None:
-        """Re-publish the retained state: config, last consensus, and the open round."""
-        self.transport.publish(self.topics.config, ConfigMessage(self.config).encode(),
-                               retain=True)
+    def _refresh(self, *, everything: bool = False) -> None:
+        """Remind the devices of the state (see the module doc): a nudge of the open round, or
+        while none is open, of the round after the last one closed (a device that lacks that
+        one's consensus reminds). With ``everything``, re-publish the config, the last consensus
+        and the whole round announcement."""
+        if everything:
+            self.transport.publish(self.topics.config, ConfigMessage(self.config).encode(),
+                                   retain=True)
+            self._publish_consensus()
+        if self._open is not None:
+            self._announce(self._open, nudge=not everything)
+        elif self.history:
+            nudge = RoundMessage(len(self.history) + 1, self.config.run_id, nudge=True)
+            self.transport.publish(self.topics.round, nudge.encode())
+
+    def _publish_consensus(self) -> None:
         if self._last_consensus is not None:
             self.transport.publish(self.topics.consensus, self._last_consensus, retain=True)
-        if self._open is not None:
+            self._consensus_sent_at = time.monotonic()
+
+    def _remind(self, device: str, absorbed: int) -> None:
+        """``device`` re-sent its report of round ``absorbed``: it lacks a message. A later
+        consensus, if one is out; else the open round's announcement, if it has not answered.
+        Either is re-published unless it went out less than ``resend_s`` ago: the reminder may
+        have crossed it, and the device reminds again at the next nudge if it still lacks it
+        (so no device can make the server flood every device with copies)."""
+        now = time.monotonic()
+        if absorbed < len(self.history):
+            if now - self._consensus_sent_at >= self._resend_s:
+                log.info("%s has absorbed round %d only; re-publishing the round-%d consensus",
+                         device, absorbed, len(self.history))
+                self._publish_consensus()
+        elif (self._open is not None and device not in self._open.replies
+              and now - self._announced_at >= self._resend_s):
+            log.info("%s lacks the round-%d announcement; re-publishing it", device,
+                     self._open.round)
             self._announce(self._open)
 
     # -- rounds --------------------------------------------------------------------------------
@@ -484,7 +536,7 @@ class FederationServer:
                                 final=rnd == self.config.rounds).encode()
         self.store.save_round(rnd, current.attempt, sorted(current.replies), body)
         self._last_consensus = body
-        self.transport.publish(self.topics.consensus, body, retain=True)
+        self._publish_consensus()
         log.info("round %d closed with %d uploads", rnd, len(replies))
         record = RoundRecord(rnd, sorted(current.participants), sorted(current.replies),
                              current.attempt, time.monotonic() - started)
@@ -494,7 +546,7 @@ class FederationServer:
 
     def run(self) -> list[RoundRecord]:
         """Drive the federation from its first incomplete round; one record per round."""
-        self._refresh()
+        self._refresh(everything=True)
         first = len(self.history) + 1
         if first <= self.config.rounds:
             # Open for uploads while clients join: resuming, they may answer the retained

@@ -146,14 +146,17 @@ def render_acl(federation: str, devices: list[str], agents: Collection[str] = ()
 
 
 def refreshes_per_attempt(config: FederationConfig) -> int:
-    """How often the server re-publishes its retained state while one round attempt is open
-    (every ``resend_s``, by default a quarter of ``deadline_s``; server.py ``_pump``)."""
+    """An upper bound on how often the server reminds the devices while one round attempt is
+    open: once per ``resend_s`` (by default a quarter of ``deadline_s``). server.py ``_pump``
+    doubles the interval each time, but devices that keep reminding can make it re-publish
+    the consensus and the announcement as often as once per ``resend_s``."""
     return math.ceil(config.deadline_s / (config.resend_s or config.deadline_s / 4))
 
 
 def messages_per_round(config: FederationConfig) -> int:
-    """What one round can send a party: per attempt an announcement, an upload and 3 messages
-    (config, consensus, announcement) per re-publish; then a consensus, metrics, a presence."""
+    """What one round can send a party, at most: per attempt an announcement, an upload and 3
+    messages (nudge, consensus, announcement) per reminder; then a consensus, metrics, a
+    presence."""
     return config.max_attempts * (2 + 3 * refreshes_per_attempt(config)) + 3
 
 

@@ -129,7 +129,10 @@ class ConfigMessage:
 @dataclass(frozen=True)
 class RoundMessage:
     """Round ``round`` is open (attempt, deadline, whom the server still waits for), or, with
-    ``done``, the federation is over."""
+    ``done``, the federation is over. A ``nudge`` is the server's periodic reminder of an open
+    round: the same fields without the announcement (``body``), published without retain so the
+    retained announcement stays whole; a device never answers a nudge, it only re-sends what
+    the nudge shows is missing."""
 
     round: int
     run_id: str
@@ -138,8 +141,9 @@ class RoundMessage:
     deadline_s: float = 0.0
     waiting_for: tuple[str, ...] = ()
     done: bool = False
+    nudge: bool = False
 
-    _FIELDS = frozenset({"run_id", "attempt", "deadline_s", "waiting_for", "done"})
+    _FIELDS = frozenset({"run_id", "attempt", "deadline_s", "waiting_for", "done", "nudge"})
 
     def encode(self) -> bytes:
         fields: dict[str, Any] = {"run_id": self.run_id}
@@ -148,6 +152,8 @@ class RoundMessage:
         else:
             fields.update(attempt=self.attempt, deadline_s=self.deadline_s,
                           waiting_for=list(self.waiting_for))
+            if self.nudge:
+                fields["nudge"] = True
         return encode(Message(KIND_ROUND, SERVER_ID, self.round, _merge(self.body, fields),
                               self.body.tensors))
 
@@ -163,7 +169,7 @@ class RoundMessage:
         return cls(msg.round, run_id, _body(info, cls._FIELDS, msg.tensors),
                    attempt=_int(info, "attempt", what, low=1, default=1),
                    deadline_s=_number(info.get("deadline_s", 0.0), "round deadline_s", 0, 1e9),
-                   waiting_for=tuple(waiting))
+                   waiting_for=tuple(waiting), nudge=info.get("nudge") is True)
 
 
 @dataclass(frozen=True)
