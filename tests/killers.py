@@ -80,7 +80,8 @@ class HostileDevice:
 
     def _on_round(self, topic: str, payload: bytes) -> None:
         msg = proto.decode(payload)
-        if msg.info.get("done") or (msg.round, msg.info.get("attempt", 1)) in self._answered:
+        if (msg.info.get("done") or msg.info.get("nudge")
+                or (msg.round, msg.info.get("attempt", 1)) in self._answered):
             return
         self._answered.add((msg.round, msg.info.get("attempt", 1)))
         rows = len(decode_rows(Payload(msg.info, msg.tensors).tensors, self.proxy_size))
