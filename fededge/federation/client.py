@@ -299,8 +299,8 @@ class FederationClient:
         log.info("%s re-sent its upload for round %d", self.identity.device_id, rnd)
 
     def _remind(self) -> None:
-        """Waiting for a consensus: re-send the last report, which tells the server the last
-        round this device absorbed (it re-publishes a later consensus if there is one)."""
+        """A consensus or an announcement is missing: re-send the last report, which tells the
+        server the last round this device absorbed (it re-publishes what that shows lacking)."""
         state = self.state
         if state.last_report is None:  # restarted: this process has not reported yet
             self._report(state.absorbed)

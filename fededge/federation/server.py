@@ -14,16 +14,15 @@ Surviving failures:
   there re-sends its upload); while no round is open, a nudge of the round after the last one
   closed. Every nudge reaches every device, so the interval doubles during one wait. The
   retained config and announcement are re-published whole after a Last Will and at start.
-  The last consensus, the one large
-  message, is re-published only where it may be missing: at start (a restarted server), after
-  a Last Will (a broker restart may have lost retained messages), and for a device that
-  shows it lacks it. A device shows that by re-sending its last report (``client.py``) when
-  an announcement or nudge shows a round closed whose consensus it has not absorbed; the
-  server re-publishes when that report is one it has already and names a round older than
-  the last consensus, and when the consensus did not go out within the last ``resend_s``
-  (the reminder may have crossed it). A device nudged about a round it never saw reminds the
-  same way and gets the announcement again. A device busy
-  absorbing costs nothing, so however long rounds take, each device receives about one
+  The last consensus, the one large message, is re-published only where it may be missing:
+  at start (a restarted server), after a Last Will (a broker restart may have lost retained
+  messages), and for a device that shows it lacks it. A device shows that by re-sending its
+  last report (``client.py``) when an announcement or nudge shows a round closed whose
+  consensus it has not absorbed; the server re-publishes when that report is one it has
+  already and names a round older than the last consensus, and when the consensus did not
+  go out within the last ``resend_s`` (the reminder may have crossed it). A device nudged
+  about a round it never saw reminds the same way and gets the announcement again. A device
+  busy absorbing costs nothing, so however long rounds take, each device receives about one
   consensus per round. These mechanisms recover uploads and consensus lost to a broker
   restart (clean sessions, no broker persistence needed), to a server restart (nothing queued
   for it meanwhile) and to client restarts.
